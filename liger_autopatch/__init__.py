@@ -1,0 +1,43 @@
+"""liger_autopatch: Triton cross-entropy for Hugging Face transformers, patched in on import.
+
+Installed, it needs no call: ``liger_autopatch.pth`` installs an import finder at
+interpreter start, and transformers' loss functions are replaced when transformers
+imports them. This package namespace is lazy: importing it costs nothing until one of
+the names below is used (it is imported at every interpreter start).
+
+Public API: :func:`install`, :func:`unpatch`, :func:`status`, :func:`cross_entropy`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["TargetStatus", "cross_entropy", "install", "status", "unpatch", "__version__"]
+
+if TYPE_CHECKING:
+    from liger_autopatch._bootstrap import install
+    from liger_autopatch._registry import TargetStatus, status, unpatch
+    from liger_autopatch.ops.cross_entropy import cross_entropy
+
+_LAZY = {
+    "install": "liger_autopatch._bootstrap",
+    "unpatch": "liger_autopatch._registry",
+    "status": "liger_autopatch._registry",
+    "TargetStatus": "liger_autopatch._registry",
+    "cross_entropy": "liger_autopatch.ops.cross_entropy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'liger_autopatch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

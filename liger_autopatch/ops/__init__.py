@@ -1,0 +1,1 @@
+"""The Triton kernels and their dispatch: what the patch targets call."""
