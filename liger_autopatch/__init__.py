@@ -8,17 +8,8 @@ the names below is used (it is imported at every interpreter start).
 Public API: :func:`install`, :func:`unpatch`, :func:`status`, :func:`cross_entropy`.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 __all__ = ["TargetStatus", "cross_entropy", "install", "status", "unpatch", "__version__"]
-
-if TYPE_CHECKING:
-    from liger_autopatch._bootstrap import install
-    from liger_autopatch._registry import TargetStatus, status, unpatch
-    from liger_autopatch.ops.cross_entropy import cross_entropy
 
 _LAZY = {
     "install": "liger_autopatch._bootstrap",
@@ -29,7 +20,9 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+# No `typing` import here: this module is imported at every interpreter start, and
+# typing pulls in re, enum and a dozen more modules.
+def __getattr__(name: str) -> object:
     if name not in _LAZY:
         raise AttributeError(f"module 'liger_autopatch' has no attribute {name!r}")
     import importlib
@@ -39,5 +32,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> list[str]:
+def __dir__() -> list:
     return sorted(set(globals()) | set(__all__))

@@ -47,7 +47,8 @@ def patch_module(module: ModuleType) -> None:
             implementation = importlib.import_module(family.implementation)
             implementation.apply(module)
         except Exception as exc:
-            _registry.record_failure(f"{module.__name__} ({family.name})", family.name, exc)
+            for target in family.declared or (f"{module.__name__} ({family.name})",):
+                _registry.record_failure(target, family.name, exc)
 
 
 class _PatchAfterReload:
