@@ -193,7 +193,7 @@ def status() -> list[TargetStatus]:
 
     for family in FAMILIES:
         for target in family.declared:
-            declare(target, family.name, "transformers has not imported its module yet")
+            declare(target, family.name, f"waiting for transformers to import {family.summary}")
     with _lock:
         rows = list(_records.values())
     rows += [TargetStatus("bootstrap", "bootstrap", "failed", error) for error in _bootstrap.errors]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import site
@@ -109,6 +110,8 @@ def collect_status(probe: bool) -> dict[str, Any]:
     if probe:
         for name in PROBE_MODULES:
             try:
+                if name == _bootstrap.LOSS_MODULE and importlib.util.find_spec("transformers.loss") is None:
+                    continue  # transformers before 4.46: the model modules carry the loss
                 importlib.import_module(name)
             except Exception as exc:
                 probe_errors[name] = f"{type(exc).__name__}: {exc}"

@@ -31,7 +31,7 @@ def _is_model_module(name: str) -> bool:
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="loss",
-        summary="the cross-entropy functions of transformers.loss.loss_utils (transformers >= 4.46)",
+        summary="transformers.loss.loss_utils (transformers >= 4.46)",
         matches=lambda name: name == LOSS_MODULE,
         implementation="liger_autopatch.targets.loss_functions",
         declared=(
@@ -43,7 +43,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="modules",
-        summary="the CrossEntropyLoss global of each transformers.models.*.modeling_* module",
+        summary="transformers.models.*.modeling_* (their CrossEntropyLoss global)",
         matches=_is_model_module,
         implementation="liger_autopatch.targets.model_modules",
         declared=(),
