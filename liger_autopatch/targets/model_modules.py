@@ -1,0 +1,68 @@
+"""Family "modules": the ``CrossEntropyLoss`` global of each ``transformers.models.*.modeling_*``.
+
+transformers < 4.46 builds ``CrossEntropyLoss()`` inside every model's forward, and many
+heads of 5.x still do. Those modules bind the name with ``from torch.nn import
+CrossEntropyLoss``; the patch rebinds that module global to
+:class:`AutopatchCrossEntropyLoss`, a subclass, and never touches ``torch.nn`` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from liger_autopatch._registry import ORIGINAL_ATTR, TargetPatch, apply_target
+from liger_autopatch.targets._dispatch import (
+    is_liger_kernel,
+    kernel_loss,
+    kernel_serves,
+    liger_kernel_owns_cross_entropy,
+)
+
+FAMILY = "modules"
+
+
+class AutopatchCrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` that runs our kernel where it serves the call.
+
+    Class-index targets on (N, C) inputs without class weights go to the kernel (the loss
+    comes back in the input's dtype, as torch returns it); class weights, probability
+    targets, N-d inputs and devices without the Triton path go to torch's own forward.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of ``input`` (N, C) logits against ``target`` (N,) class indices."""
+        if self.weight is None and kernel_serves(input, target):
+            loss = kernel_loss(
+                input,
+                target,
+                ignore_index=self.ignore_index,
+                reduction=self.reduction,
+                label_smoothing=self.label_smoothing,
+            )
+            return loss.to(input.dtype)
+        return super().forward(input, target)
+
+
+setattr(AutopatchCrossEntropyLoss, ORIGINAL_ATTR, torch.nn.CrossEntropyLoss)
+
+
+def apply(module: ModuleType) -> None:
+    """Rebind ``module.CrossEntropyLoss`` where it is torch's; modules without one are left unrecorded."""
+    if "CrossEntropyLoss" not in vars(module):
+        return
+    target = f"{module.__name__.rsplit('.', 1)[-1]}.CrossEntropyLoss"
+    apply_target(target, FAMILY, functools.partial(_stage, module))
+
+
+def _stage(module: ModuleType, patch: TargetPatch) -> None:
+    current = module.CrossEntropyLoss
+    if is_liger_kernel(current):
+        patch.skip(f"liger-kernel replaced it ({current.__module__}); left to liger-kernel")
+    if liger_kernel_owns_cross_entropy():
+        patch.skip("liger-kernel replaced torch.nn.functional.cross_entropy; left to liger-kernel")
+    if current is not torch.nn.CrossEntropyLoss and current is not AutopatchCrossEntropyLoss:
+        patch.skip(f"CrossEntropyLoss here is {current!r}, not torch.nn.CrossEntropyLoss")
+    patch.set_attr(module, "CrossEntropyLoss", AutopatchCrossEntropyLoss)
