@@ -8,15 +8,11 @@ bit-identical results.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
-from liger_autopatch.ops.cross_entropy import cross_entropy
-
-_LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_LABEL_DTYPES = (torch.int64, torch.int32)
+from liger_autopatch.ops.cross_entropy import cross_entropy, supports
 
 
 def is_liger_kernel(value: Any) -> bool:
@@ -29,18 +25,12 @@ def liger_kernel_owns_cross_entropy() -> bool:
     return is_liger_kernel(torch.nn.functional.cross_entropy)
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    # The op runs its Triton kernels on CUDA, and on CPU only under the Triton interpreter.
-    return device.type == "cuda" or (
-        device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    )
-
-
 def kernel_serves(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> bool:
     """Whether our kernel computes ``cross_entropy(logits, labels)`` for this call.
 
-    It does for (N, V) floating logits with (N,) integer class labels on one device where
-    the Triton path runs, unless liger-kernel owns ``torch.nn.functional.cross_entropy``
+    It does where the op runs its Triton kernels (:func:`~liger_autopatch.ops.cross_entropy.supports`:
+    (N, V) bf16/fp16/fp32 logits and (N,) integer labels on CUDA, or on the CPU under
+    ``TRITON_INTERPRET=1``), unless liger-kernel owns ``torch.nn.functional.cross_entropy``
     (it was installed after us: the original, which calls it, keeps running). Everything
     else (N-d logits, probability targets, float64, CPU without ``TRITON_INTERPRET=1``, a
     ``num_items_in_batch`` that is neither int nor tensor) belongs to the original.
@@ -48,14 +38,8 @@ def kernel_serves(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch
     return (
         isinstance(logits, torch.Tensor)
         and isinstance(labels, torch.Tensor)
-        and logits.dim() == 2
-        and labels.dim() == 1
-        and logits.shape[0] == labels.shape[0]
-        and logits.dtype in _LOGIT_DTYPES
-        and labels.dtype in _LABEL_DTYPES
-        and labels.device == logits.device
         and (num_items_in_batch is None or isinstance(num_items_in_batch, (int, torch.Tensor)))
-        and _triton_runs_on(logits.device)
+        and supports(logits, labels)
         and not liger_kernel_owns_cross_entropy()
     )
 

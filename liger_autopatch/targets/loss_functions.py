@@ -85,9 +85,10 @@ def _stage(module: ModuleType, name: str, patch: TargetPatch) -> None:
     if replacement is None:
         replacement = _replacements[original] = _REPLACEMENT_FACTORIES[name](original)
     patch.set_attr(module, name, replacement)
-    for key, value in getattr(module, "LOSS_MAPPING", {}).items():
+    mapping = getattr(module, "LOSS_MAPPING", None)
+    for key, value in mapping.items() if isinstance(mapping, dict) else ():
         if value is original:
-            patch.set_item(module.LOSS_MAPPING, key, replacement)
+            patch.set_item(mapping, key, replacement)
     for other in _transformers_modules_binding(original, name, besides=module):
         patch.set_attr(other, name, replacement)
 

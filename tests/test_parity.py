@@ -1,0 +1,105 @@
+"""The parity contract: patched transformers computes what unpatched transformers computes.
+
+Every case of :mod:`tests._tiny_models` (tiny randomly initialised models, nothing
+downloaded) runs twice, each time in a fresh interpreter of this environment: once
+patched, counting the calls that reach our kernel, and once with ``LIGER_DISABLE=1``.
+Loss and every parameter gradient must agree within the tolerance of the dtype, and the
+patched run must have gone through the kernel. Cases that this transformers lacks (a
+model, ``num_items_in_batch`` or ``shift_labels`` in the forward) are skipped.
+
+Tolerance: the largest difference of a tensor at most ``rtol`` times the largest
+magnitude of the unpatched tensor, NaN where the unpatched one has NaN. (An elementwise
+relative bound would judge near-zero gradient entries by rounding noise alone.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._tiny_models import CASE_NAMES
+
+TINY_MODELS = Path(__file__).with_name("_tiny_models.py")
+
+
+def run_both(out_dir: Path, device: str, dtype: str, env: dict[str, str]) -> tuple[dict, dict]:
+    """Results of every case patched and unpatched, the two interpreters side by side."""
+    children = {}
+    for mode in ("patched", "unpatched"):
+        child_env = {k: v for k, v in os.environ.items() if k not in ("LIGER_DISABLE", "TRITON_INTERPRET")}
+        child_env.update(env)
+        if mode == "unpatched":
+            child_env["LIGER_DISABLE"] = "1"
+        out = out_dir / f"{mode}.pt"
+        command = [sys.executable, str(TINY_MODELS), "--mode", mode, "--device", device, "--dtype", dtype]
+        # Run outside the checkout: the child sees liger_autopatch as it is installed.
+        child = subprocess.Popen(
+            [*command, "--out", str(out)],
+            env=child_env,
+            cwd=Path(sys.executable).parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        children[mode] = (child, out)
+    results = {}
+    for mode, (child, out) in children.items():
+        _, stderr = child.communicate(timeout=900)
+        assert child.returncode == 0, f"{mode} run failed:\n{stderr}"
+        results[mode] = torch.load(out)
+    return results["patched"], results["unpatched"]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    """``actual`` within ``rtol`` of ``expected``, relative to the largest entry of ``expected``."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan), f"{what}: NaN in different places"
+    actual, expected = actual[~nan].double(), expected[~nan].double()
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().item()
+    difference = (actual - expected).abs().max().item()
+    assert difference <= rtol * scale, f"{what}: differs by {difference:.3g}, {difference / scale:.3g} relative"
+
+
+def check_case(case: str, patched: dict, unpatched: dict, rtol: float) -> None:
+    """Loss and gradients of one case agree, and the patched run used our kernel."""
+    expected, actual = unpatched[case], patched[case]
+    if "unavailable" in expected:
+        pytest.skip(expected["unavailable"])
+    assert actual["kernel_calls"] >= 1, "the patched run never reached our kernel"
+    assert_close(actual["loss"], expected["loss"], rtol, "loss")
+    assert actual["grads"].keys() == expected["grads"].keys()
+    for name, grad in expected["grads"].items():
+        assert_close(actual["grads"][name], grad, rtol, f"gradient of {name}")
+
+
+@pytest.fixture(scope="module")
+def cpu_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """float32 on the CPU, our kernels under the Triton interpreter."""
+    return run_both(tmp_path_factory.mktemp("parity-cpu"), "cpu", "float32", {"TRITON_INTERPRET": "1"})
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_fp32_parity_on_cpu(case: str, cpu_results: tuple[dict, dict]) -> None:
+    check_case(case, *cpu_results, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """bfloat16 on the GPU: the model runs in bf16, the unpatched loss upcasts to fp32."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return run_both(tmp_path_factory.mktemp("parity-gpu"), "cuda", "bfloat16", {})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bf16_parity_on_gpu(case: str, gpu_results: tuple[dict, dict]) -> None:
+    check_case(case, *gpu_results, rtol=2e-3)
