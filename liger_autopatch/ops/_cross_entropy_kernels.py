@@ -1,0 +1,357 @@
+"""Triton kernels for cross-entropy over the rows of (N, V) logits.
+
+Every kernel runs a persistent grid: program ``p`` handles rows ``p, p + P, p + 2P, ...``
+(P programs), so the grid size, not N, sets how many rows are in flight at once. That
+matters for the forward kernel that also writes the gradient: it reads each row twice
+(max/sum, then gradient), and the second read is served from L2 only while
+``P * row bytes`` fits there.
+
+Logits are transformed in the kernel: ``x = logit_scale * z`` then
+``x = softcap * tanh(x / softcap)``; the gradient is taken with respect to ``z``.
+All arithmetic is float32; the softmax runs in base 2 (one exp2 per element).
+
+A target equal to ``ignore_index`` gives loss 0 and gradient 0. A target outside [0, V)
+that is not ``ignore_index`` gives a NaN loss and reads nothing outside its row;
+``check_targets_kernel`` finds such targets first so that the host can raise.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _transform(z, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr):
+    """Model logits ``z`` (float32) -> the logits the loss sees."""
+    x = z
+    if HAS_LOGIT_SCALE:
+        x = x * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(y) = 1 - 2 / (exp(2y) + 1): saturates to +-1 (exp2 -> inf or 0) with no NaN.
+        y = x / softcap
+        x = softcap * (1.0 - 2.0 / (tl.exp2(y * (2.0 * LOG2E)) + 1.0))
+    return x
+
+
+@triton.jit
+def _chain(g, x, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_LOGIT_SCALE: tl.constexpr):
+    """d loss / d x  ->  d loss / d z, given the transformed logits ``x``."""
+    if HAS_SOFTCAP:
+        t = x / softcap
+        g = g * (1.0 - t * t)
+    if HAS_LOGIT_SCALE:
+        g = g * logit_scale
+    return g
+
+
+@triton.jit
+def _row_gradient(
+    in_row,
+    stride_in_col,
+    out_row,
+    stride_out_col,
+    cols,
+    N_COLS: tl.constexpr,
+    target,
+    lse2,
+    scale,
+    label_smoothing,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Write ``scale * d loss / d z`` for one row, BLOCK columns at a time.
+
+    REVERSE walks the row from its end: the blocks read last by the max/sum pass are the
+    likeliest to still be in L2.
+    """
+    last_start = (N_COLS - 1) // BLOCK * BLOCK
+    on_target = (1.0 - label_smoothing) * scale
+    uniform = label_smoothing / N_COLS * scale
+    for i in range(0, N_COLS, BLOCK):
+        if REVERSE:
+            start = last_start - i
+        else:
+            start = i
+        offs = start + cols
+        mask = offs < N_COLS
+        z = tl.load(in_row + offs * stride_in_col, mask=mask, other=0.0, eviction_policy="evict_first")
+        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+        g = tl.exp2(x * LOG2E - lse2) * scale - uniform
+        g = tl.where(offs == target, g - on_target, g)
+        g = _chain(g, x, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+        tl.store(out_row + offs * stride_out_col, g.to(out_row.dtype.element_ty), mask=mask, cache_modifier=".cs")
+
+
+@triton.jit
+def _zero_row(out_row, stride_out_col, cols, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    zeros = tl.zeros([BLOCK], dtype=out_row.dtype.element_ty)
+    for start in range(0, N_COLS, BLOCK):
+        offs = start + cols
+        tl.store(out_row + offs * stride_out_col, zeros, mask=offs < N_COLS, cache_modifier=".cs")
+
+
+@triton.jit
+def check_targets_kernel(
+    target_ptr,
+    stride_target,
+    status_ptr,
+    site_flag_ptr,
+    n_rows,
+    n_cols,
+    ignore_index,
+    HAS_SITE_FLAG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: status = [a bad target (else ignore_index), site flag, non-ignored count].
+
+    Run before the loss kernel so that one host read gives the error, the gradient path
+    for this call (from the flag the previous backward left) and the "mean" denominator.
+    """
+    bad = ignore_index
+    n_valid = 0
+    start = 0
+    while start < n_rows:
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n_rows
+        target = tl.load(target_ptr + offs * stride_target, mask=mask, other=ignore_index).to(tl.int64)
+        counted = mask & (target != ignore_index)
+        n_valid += tl.sum(counted.to(tl.int64), axis=0)
+        out_of_range = counted & ((target < 0) | (target >= n_cols))
+        first_bad = tl.min(tl.where(out_of_range, offs, n_rows), axis=0)
+        first_bad_target = tl.sum(tl.where(offs == first_bad, target, 0), axis=0)
+        bad = tl.where(first_bad < n_rows, first_bad_target, bad)
+        start += BLOCK
+    site_flag = 0
+    if HAS_SITE_FLAG:
+        site_flag = tl.load(site_flag_ptr).to(tl.int64)
+    tl.store(status_ptr, bad)
+    tl.store(status_ptr + 1, site_flag)
+    tl.store(status_ptr + 2, n_valid)
+
+
+@triton.jit
+def _forward_row(
+    row,
+    logits_ptr,
+    stride_logits_row,
+    stride_logits_col,
+    target_ptr,
+    stride_target,
+    loss_ptr,
+    lse_ptr,
+    grad_ptr,
+    stride_grad_row,
+    stride_grad_col,
+    scale,
+    cols,
+    N_COLS: tl.constexpr,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    target = tl.load(target_ptr + row * stride_target).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits_row
+    grad_row = grad_ptr + row * stride_grad_row
+    if target == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        if STORE_LSE:
+            tl.store(lse_ptr + row, 0.0)
+        if WRITE_GRAD:
+            _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
+    else:
+        in_range = (target >= 0) & (target < N_COLS)
+        # Pass 1: running max (base 2) and sum of exp2, block by block.
+        m2 = -float("inf")
+        s = 0.0
+        sum_x = 0.0
+        for start in range(0, N_COLS, BLOCK):
+            offs = start + cols
+            mask = offs < N_COLS
+            z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
+            x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+            x2 = tl.where(mask, x * LOG2E, -float("inf"))
+            m2_new = tl.maximum(m2, tl.max(x2, axis=0))
+            # All -inf so far: keep the sum 0 instead of exp2(-inf - -inf) = NaN.
+            shift = tl.where(m2_new == -float("inf"), 0.0, m2_new)
+            s = s * tl.exp2(m2 - shift) + tl.sum(tl.exp2(x2 - shift), axis=0)
+            m2 = m2_new
+            if HAS_SMOOTHING:
+                sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        shift = tl.where(m2 == -float("inf"), 0.0, m2)
+        lse2 = shift + tl.log2(s)
+        safe_target = tl.where(in_range, target, 0)
+        z_t = tl.load(logits_row + safe_target * stride_logits_col).to(tl.float32)
+        x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+        loss = lse2 * LN2 - (1.0 - label_smoothing) * x_t
+        if HAS_SMOOTHING:
+            loss -= label_smoothing / N_COLS * sum_x
+        loss = tl.where(in_range, loss, float("nan"))
+        tl.store(loss_ptr + row, loss)
+        if STORE_LSE:
+            tl.store(lse_ptr + row, lse2)
+        if WRITE_GRAD:
+            _row_gradient(
+                logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
+                target, lse2, scale, label_smoothing, softcap, logit_scale,
+                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK,
+            )
+
+
+@triton.jit
+def cross_entropy_forward_kernel(
+    logits_ptr,
+    stride_logits_row,
+    stride_logits_col,
+    target_ptr,
+    stride_target,
+    loss_ptr,
+    lse_ptr,
+    grad_ptr,
+    stride_grad_row,
+    stride_grad_col,
+    denominator_ptr,
+    n_rows,
+    N_COLS: tl.constexpr,
+    n_programs,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    HAS_DENOMINATOR: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Per-row loss (unreduced, float32), optionally lse (base 2) and the gradient.
+
+    WRITE_GRAD writes ``d loss_row / d z / denominator`` into grad (which may be the
+    logits buffer itself: each block is read before it is written).
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    scale = 1.0
+    if HAS_DENOMINATOR:
+        scale = 1.0 / tl.load(denominator_ptr).to(tl.float32)
+    # A while loop: the interpreter cannot run range() over run-time bounds.
+    row = pid.to(tl.int64)
+    while row < n_rows:
+        _forward_row(
+            row, logits_ptr, stride_logits_row, stride_logits_col, target_ptr, stride_target,
+            loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
+            cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK,
+        )
+        row += n_programs
+
+
+@triton.jit
+def cross_entropy_backward_kernel(
+    logits_ptr,
+    stride_logits_row,
+    stride_logits_col,
+    target_ptr,
+    stride_target,
+    lse_ptr,
+    grad_output_ptr,
+    stride_grad_output,
+    denominator_ptr,
+    grad_ptr,
+    stride_grad_row,
+    stride_grad_col,
+    site_flag_ptr,
+    n_rows,
+    N_COLS: tl.constexpr,
+    n_programs,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_DENOMINATOR: tl.constexpr,
+    HAS_SITE_FLAG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """grad[r] = grad_output[r] / denominator * d loss_r / d z[r]: one read, one write.
+
+    ``grad_output`` has stride 0 for a reduced loss. HAS_SITE_FLAG records in the call
+    site's flag whether that (scalar) grad_output differed from 1.
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    if HAS_SITE_FLAG:
+        if pid == 0:
+            tl.store(site_flag_ptr, (tl.load(grad_output_ptr) != 1.0).to(tl.int32))
+    inv_denominator = 1.0
+    if HAS_DENOMINATOR:
+        inv_denominator = 1.0 / tl.load(denominator_ptr).to(tl.float32)
+    row = pid.to(tl.int64)
+    while row < n_rows:
+        target = tl.load(target_ptr + row * stride_target).to(tl.int64)
+        grad_row = grad_ptr + row * stride_grad_row
+        if target == ignore_index:
+            _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
+        else:
+            scale = tl.load(grad_output_ptr + row * stride_grad_output) * inv_denominator
+            _row_gradient(
+                logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col,
+                cols, N_COLS, target, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
+                logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK,
+            )
+        row += n_programs
+
+
+@triton.jit
+def scale_gradient_kernel(
+    grad_ptr,
+    stride_grad_row,
+    stride_grad_col,
+    grad_output_ptr,
+    site_flag_ptr,
+    n_rows,
+    N_COLS: tl.constexpr,
+    n_programs,
+    BLOCK: tl.constexpr,
+):
+    """grad *= grad_output (a 0-d tensor) in place, skipped on the device when it is 1.
+
+    Lets the gradient-in-forward path honour any grad_output without a host sync, and
+    records in the call site's flag whether the multiply was needed.
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    grad_output = tl.load(grad_output_ptr)
+    if pid == 0:
+        tl.store(site_flag_ptr, (grad_output != 1.0).to(tl.int32))
+    if grad_output != 1.0:
+        row = pid.to(tl.int64)
+        while row < n_rows:
+            grad_row = grad_ptr + row * stride_grad_row
+            for start in range(0, N_COLS, BLOCK):
+                offs = start + cols
+                mask = offs < N_COLS
+                ptrs = grad_row + offs * stride_grad_col
+                g = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                g = (g * grad_output).to(grad_ptr.dtype.element_ty)
+                tl.store(ptrs, g, mask=mask, cache_modifier=".cs")
+            row += n_programs

@@ -1,0 +1,528 @@
+"""Cross-entropy on (N, V) logits: Triton kernels where they apply, torch everywhere else.
+
+:func:`cross_entropy` computes what ``torch.nn.functional.cross_entropy`` computes (plus
+the ``num_items_in_batch`` / ``softcap`` / ``logit_scale`` folds that transformers' models
+use), in float32, without ever making a float32 copy of the logits.
+
+How the gradient is made (eager mode) is chosen per call site, from what the previous
+backward of the same call site saw:
+
+* gradient in the forward: while the site's last ``grad_output`` was 1 (the usual
+  ``loss.backward()``), the forward kernel writes ``d loss / d logits`` as it goes, reading
+  each row once from DRAM (the second read of a row comes from L2). The backward then
+  only multiplies by ``grad_output`` if it is not 1, decided on the device, with no sync.
+* gradient in the backward: after a ``grad_output`` other than 1 (loss scaling, gradient
+  accumulation), the forward keeps one float per row (log-sum-exp) and the backward makes
+  the gradient in one read + one write, already multiplied by ``grad_output``.
+
+Either gradient goes into the logits buffer itself when nobody else can observe it (see
+:func:`_unobservable`), otherwise into a fresh buffer of the logits' dtype. Under
+``torch.compile`` the op is the ``liger_autopatch::cross_entropy_rows`` custom op
+(gradient in the backward, fresh buffer), so graphs compile with no break.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from dataclasses import dataclass, field
+from types import FrameType, ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["cross_entropy", "supports"]
+
+_LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TARGET_DTYPES = (torch.int32, torch.int64)
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def supports(input: Tensor, target: Tensor) -> bool:
+    """True when :func:`cross_entropy` runs the Triton kernels on these tensors.
+
+    That is: ``input`` is (N, V) with N, V >= 1 in bfloat16, float16 or float32;
+    ``target`` is (N,) int32/int64 class indices on the same device; and the device is
+    CUDA, or the CPU while the environment has ``TRITON_INTERPRET=1``. Any other call is
+    served by ``torch.nn.functional.cross_entropy`` with the same semantics.
+    """
+    return (
+        input.dim() == 2
+        and target.dim() == 1
+        and input.shape[0] == target.shape[0]
+        and input.shape[0] > 0
+        and input.shape[1] > 0
+        and input.dtype in _LOGIT_DTYPES
+        and target.dtype in _TARGET_DTYPES
+        and input.device == target.device
+        and (input.is_cuda or (input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
+    )
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    num_items_in_batch: int | Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> Tensor:
+    """Cross-entropy of ``input`` (N, V) logits against ``target`` (N,) class indices.
+
+    Semantics are ``torch.nn.functional.cross_entropy``'s (ignore_index, including values
+    >= V; reductions; label_smoothing; an all-ignored batch gives NaN under "mean"), with:
+
+    * ``logit_scale``: logits are multiplied by it first (Cohere; Granite passes 1/scale);
+    * ``softcap``: then become ``softcap * tanh(logits / softcap)`` (Gemma 2/3);
+    * ``num_items_in_batch`` (int or 0-d tensor): the loss is the sum divided by it, as
+      transformers' ``fixed_cross_entropy`` does; the division is folded into the gradient
+      kernel. It replaces "mean"/"sum" and cannot be combined with ``reduction="none"``.
+
+    On the Triton path (see :func:`supports`) the loss is float32, accumulated in float32,
+    and a target outside [0, V) that is not ``ignore_index`` raises ``ValueError`` naming
+    it (one device-to-host sync per forward; while a CUDA graph is being captured the sync
+    is skipped and such a row's loss is NaN instead). Elsewhere the result is exactly
+    torch's, dtype included.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None and reduction == "none":
+        raise ValueError("num_items_in_batch divides a summed loss; it cannot be used with reduction='none'")
+    if not supports(input, target):
+        return _torch_cross_entropy(
+            input, target, ignore_index, reduction, label_smoothing, num_items_in_batch, softcap, logit_scale
+        )
+    options = _Options(int(ignore_index), float(label_smoothing), softcap, logit_scale)
+    if torch.compiler.is_compiling():
+        rows, _ = torch.ops.liger_autopatch.cross_entropy_rows(
+            input, target, options.ignore_index, options.label_smoothing, softcap, logit_scale
+        )
+        n_valid = (target != options.ignore_index).sum() if reduction == "mean" else None
+        return _reduce(rows, reduction, _denominator(n_valid, reduction, num_items_in_batch, input.device))
+
+    # Read before `input` is passed anywhere: references beyond a temporary argument's
+    # mean the caller (or a wrapper) still holds the logits.
+    only_our_reference = sys.getrefcount(input) <= _TEMPORARY_ARGUMENT_REFS
+    site = _call_site(sys._getframe(1), input.device)
+    status = _check_targets(input, target, options, site)
+    denominator = _denominator(status[2], reduction, num_items_in_batch, input.device)
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        rows, _ = _forward(input, target, options, denominator, grad=None, store_lse=False)
+        return _reduce(rows, reduction, denominator)
+    grad_in_forward = reduction != "none" and site.grad_output_was_one
+    in_place = grad_in_forward and only_our_reference and _unobservable(input)
+    return _CrossEntropy.apply(input, target, denominator, reduction, options, site, grad_in_forward, in_place)
+
+
+@dataclass(frozen=True)
+class _Options:
+    ignore_index: int
+    label_smoothing: float
+    softcap: float | None
+    logit_scale: float | None
+
+
+@dataclass
+class _CallSite:
+    """What the last backward of one call site saw, and the device flag it writes."""
+
+    grad_output_was_one: bool = True
+    flags: dict[torch.device, Tensor] = field(default_factory=dict)
+
+    def flag(self, device: torch.device) -> Tensor:
+        """int32 scalar the backward kernels set to (grad_output != 1)."""
+        if device not in self.flags:
+            self.flags[device] = torch.zeros((), dtype=torch.int32, device=device)
+        return self.flags[device]
+
+
+_call_sites: dict[tuple[object, int], _CallSite] = {}
+
+
+def _call_site(frame: FrameType, device: torch.device) -> _CallSite:
+    key = (frame.f_code, frame.f_lineno)
+    site = _call_sites.get(key)
+    if site is None:
+        site = _call_sites[key] = _CallSite()
+    site.flag(device)
+    return site
+
+
+def _refcount_of_argument(input: object) -> int:
+    return sys.getrefcount(input)
+
+
+# What sys.getrefcount reports inside a function for an argument nobody else holds
+# (2 on CPython 3.11+: the parameter and getrefcount's own argument).
+_TEMPORARY_ARGUMENT_REFS = _refcount_of_argument(object())
+
+
+def _unobservable(t: Tensor) -> bool:
+    """True when no other tensor, autograd node or weak reference can see ``t``'s memory.
+
+    Checked: not a view and no views of it (its storage's only user is ``t``, plus the
+    storage object made for the check), no C++ holder of the tensor (``_use_count``:
+    saved-for-backward, AccumulateGrad), not a leaf, no weak references. The caller checks
+    Python references with sys.getrefcount, which these cannot see.
+    """
+    return (
+        t._base is None
+        and not t.is_leaf
+        and t._use_count() == 1
+        and weakref.getweakrefcount(t) == 0
+        and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+    )
+
+
+def _denominator(
+    n_valid: Tensor | None, reduction: str, num_items_in_batch: int | Tensor | None, device: torch.device
+) -> Tensor | None:
+    """0-d tensor the summed loss is divided by (``n_valid``, the non-ignored count, for
+    "mean"), or None for "sum"/"none"."""
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            return num_items_in_batch.to(device=device, dtype=torch.float32)
+        return torch.full((), float(num_items_in_batch), dtype=torch.float32, device=device)
+    return n_valid if reduction == "mean" else None
+
+
+def _reduce(rows: Tensor, reduction: str, denominator: Tensor | None) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    # An int64 count divides into float32; 0 / 0 is NaN, as torch's all-ignored "mean".
+    return total if denominator is None else total / denominator
+
+
+def _torch_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    num_items_in_batch: int | Tensor | None,
+    softcap: float | None,
+    logit_scale: float | None,
+) -> Tensor:
+    """The fallback: the same function, in torch ops (as transformers computes it)."""
+    if logit_scale is not None:
+        input = input * logit_scale
+    if softcap is not None:
+        input = softcap * torch.tanh(input / softcap)
+    if num_items_in_batch is None:
+        return F.cross_entropy(
+            input, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+    loss = F.cross_entropy(input, target, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel launches
+
+
+def _kernels() -> ModuleType:
+    # Imported on first use: triton.jit reads TRITON_INTERPRET when the kernels are defined.
+    from liger_autopatch.ops import _cross_entropy_kernels
+
+    return _cross_entropy_kernels
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block size (columns per step), warps per program, programs per SM, and whether
+    the gradient pass of the forward kernel walks rows from their end."""
+
+    block: int
+    num_warps: int
+    programs_per_sm: int
+    reverse: bool
+
+
+def launch_config(n_cols: int, device: torch.device) -> LaunchConfig:
+    """Launch parameters for rows of ``n_cols`` logits (bench/ce.py sweeps these)."""
+    if device.type != "cuda":
+        # Interpreter: small blocks so that the tests cover multi-block rows.
+        return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, reverse=False)
+    block = min(8192, 1 << (n_cols - 1).bit_length())
+    return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=2, reverse=False)
+
+
+_sm_counts: dict[torch.device, int] = {}
+
+
+def _grid(n_rows: int, device: torch.device, config: LaunchConfig) -> tuple[int]:
+    if device.type != "cuda":
+        return (min(n_rows, 3),)
+    if device not in _sm_counts:
+        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return (min(n_rows, _sm_counts[device] * config.programs_per_sm),)
+
+
+def _transform_args(options: _Options) -> dict[str, object]:
+    return {
+        "ignore_index": options.ignore_index,
+        "label_smoothing": options.label_smoothing,
+        "softcap": options.softcap if options.softcap is not None else 1.0,
+        "logit_scale": options.logit_scale if options.logit_scale is not None else 1.0,
+        "HAS_SOFTCAP": options.softcap is not None,
+        "HAS_LOGIT_SCALE": options.logit_scale is not None,
+    }
+
+
+def _check_targets(input: Tensor, target: Tensor, options: _Options, site: _CallSite | None) -> Tensor:
+    """The forward's one device-to-host sync. Raises on a target outside [0, V) that is
+    not ignore_index, updates the call site from the flag its last backward left, and
+    returns the int64 status [bad target, site flag, non-ignored count] (on the device).
+
+    While torch.compile traces or a CUDA graph is captured nothing is read back: the
+    kernels then give a bad target's row a NaN loss.
+    """
+    n_rows, n_cols = input.shape
+    status = torch.empty(3, dtype=torch.int64, device=input.device)
+    _kernels().check_targets_kernel[(1,)](
+        target, target.stride(0), status,
+        site.flag(input.device) if site is not None else status,
+        n_rows, n_cols, options.ignore_index,
+        HAS_SITE_FLAG=site is not None,
+        BLOCK=1024 if input.is_cuda else 64,
+        num_warps=4,
+    )  # fmt: skip
+    if torch.compiler.is_compiling() or (input.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return status
+    bad_target, grad_output_was_not_one, _ = status.tolist()
+    if site is not None:
+        site.grad_output_was_one = not grad_output_was_not_one
+    if bad_target != options.ignore_index:
+        raise ValueError(
+            f"cross_entropy: target {bad_target} is outside [0, {n_cols}) "
+            f"and is not ignore_index ({options.ignore_index})"
+        )
+    return status
+
+
+def _forward(
+    input: Tensor,
+    target: Tensor,
+    options: _Options,
+    denominator: Tensor | None,
+    *,
+    grad: Tensor | None,
+    store_lse: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Row losses (N,) float32 and, if asked, row log-sum-exp (base 2); writes the
+    gradient of sum(rows) / denominator into ``grad`` when given."""
+    n_rows, n_cols = input.shape
+    rows = torch.empty(n_rows, dtype=torch.float32, device=input.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=input.device) if store_lse else None
+    config = launch_config(n_cols, input.device)
+    grad_buffer = grad if grad is not None else input
+    grid = _grid(n_rows, input.device, config)
+    _kernels().cross_entropy_forward_kernel[grid](
+        input, input.stride(0), input.stride(1),
+        target, target.stride(0),
+        rows, lse if lse is not None else rows,
+        grad_buffer, grad_buffer.stride(0), grad_buffer.stride(1),
+        denominator if denominator is not None else rows,
+        n_rows, N_COLS=n_cols, n_programs=grid[0],
+        **_transform_args(options),
+        HAS_SMOOTHING=options.label_smoothing != 0.0,
+        STORE_LSE=store_lse,
+        WRITE_GRAD=grad is not None,
+        HAS_DENOMINATOR=grad is not None and denominator is not None,
+        REVERSE=config.reverse,
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+    )  # fmt: skip
+    return rows, lse
+
+
+def _backward(
+    grad_output: Tensor,
+    input: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    options: _Options,
+    denominator: Tensor | None,
+    site: _CallSite | None,
+    grad: Tensor,
+) -> Tensor:
+    """grad = grad_output[row] / denominator * d loss_row / d input, written into ``grad``.
+
+    ``grad_output`` is 0-d (reduced loss) or (N,) (per-row losses).
+    """
+    n_rows, n_cols = input.shape
+    config = launch_config(n_cols, input.device)
+    grad_output = grad_output.to(torch.float32)
+    grid = _grid(n_rows, input.device, config)
+    _kernels().cross_entropy_backward_kernel[grid](
+        input, input.stride(0), input.stride(1),
+        target, target.stride(0),
+        lse,
+        grad_output, grad_output.stride(0) if grad_output.dim() else 0,
+        denominator if denominator is not None else lse,
+        grad, grad.stride(0), grad.stride(1),
+        site.flag(input.device) if site is not None else lse,
+        n_rows, N_COLS=n_cols, n_programs=grid[0],
+        **_transform_args(options),
+        HAS_DENOMINATOR=denominator is not None,
+        HAS_SITE_FLAG=site is not None,
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+    )  # fmt: skip
+    return grad
+
+
+def _scale_gradient(grad: Tensor, grad_output: Tensor, site: _CallSite) -> None:
+    n_rows, n_cols = grad.shape
+    config = launch_config(n_cols, grad.device)
+    grid = _grid(n_rows, grad.device, config)
+    _kernels().scale_gradient_kernel[grid](
+        grad, grad.stride(0), grad.stride(1),
+        grad_output.to(torch.float32), site.flag(grad.device),
+        n_rows, N_COLS=n_cols, n_programs=grid[0],
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+    )  # fmt: skip
+
+
+def _fresh_gradient_buffer(input: Tensor) -> Tensor:
+    return torch.empty_like(input, memory_format=torch.preserve_format)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Eager autograd for the Triton path (see the module docstring for the two modes)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        input: Tensor,
+        target: Tensor,
+        denominator: Tensor | None,
+        reduction: str,
+        options: _Options,
+        site: _CallSite,
+        grad_in_forward: bool,
+        in_place: bool,
+    ) -> Tensor:
+        ctx.grad_in_forward = grad_in_forward
+        ctx.site = site
+        if grad_in_forward:
+            grad = input if in_place else _fresh_gradient_buffer(input)
+            rows, _ = _forward(input, target, options, denominator, grad=grad, store_lse=False)
+            ctx.grad = grad
+        else:
+            rows, lse = _forward(input, target, options, denominator, grad=None, store_lse=True)
+            # Held as an attribute, not saved: at backward time this lets us see whether
+            # anyone else still holds the logits (then the gradient may overwrite them).
+            ctx.logits = input
+            ctx.logits_version = input._version
+            ctx.save_for_backward(target, lse, denominator)
+            ctx.options = options
+        return _reduce(rows, reduction, denominator)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        nones = (None,) * 7
+        if ctx.grad_in_forward:
+            grad = ctx.grad
+            del ctx.grad
+            _scale_gradient(grad, grad_output, ctx.site)
+            return (grad, *nones)
+        logits = ctx.logits
+        del ctx.logits
+        if logits._version != ctx.logits_version:
+            raise RuntimeError("cross_entropy: the logits were modified in place between forward and backward")
+        target, lse, denominator = ctx.saved_tensors
+        # Two references here: `logits` and getrefcount's argument.
+        in_place = sys.getrefcount(logits) <= 2 and _unobservable(logits)
+        grad = logits if in_place else _fresh_gradient_buffer(logits)
+        site = ctx.site if grad_output.dim() == 0 else None
+        _backward(grad_output, logits, target, lse, ctx.options, denominator, site, grad)
+        return (grad, *nones)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration: what torch.compile sees (gradient in the backward).
+
+
+@torch.library.custom_op("liger_autopatch::cross_entropy_rows", mutates_args=())
+def _cross_entropy_rows(
+    input: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+    logit_scale: float | None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses (float32) and per-row log-sum-exp (base 2) for the backward."""
+    options = _Options(ignore_index, label_smoothing, softcap, logit_scale)
+    _check_targets(input, target, options, None)
+    rows, lse = _forward(input, target, options, None, grad=None, store_lse=True)
+    assert lse is not None
+    return rows, lse
+
+
+@_cross_entropy_rows.register_fake
+def _(
+    input: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+    logit_scale: float | None,
+) -> tuple[Tensor, Tensor]:
+    n_rows = input.shape[0]
+    return input.new_empty(n_rows, dtype=torch.float32), input.new_empty(n_rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("liger_autopatch::cross_entropy_rows_backward", mutates_args=())
+def _cross_entropy_rows_backward(
+    grad_rows: Tensor,
+    input: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+    logit_scale: float | None,
+) -> Tensor:
+    """Gradient of sum(grad_rows * rows) with respect to the logits, in a fresh buffer."""
+    options = _Options(ignore_index, label_smoothing, softcap, logit_scale)
+    return _backward(grad_rows, input, target, lse, options, None, None, _fresh_gradient_buffer(input))
+
+
+@_cross_entropy_rows_backward.register_fake
+def _(
+    grad_rows: Tensor,
+    input: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+    logit_scale: float | None,
+) -> Tensor:
+    return torch.empty_like(input, memory_format=torch.preserve_format)
+
+
+def _rows_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    input, target, ignore_index, label_smoothing, softcap, logit_scale = inputs
+    ctx.save_for_backward(input, target, output[1])
+    ctx.scalars = (ignore_index, label_smoothing, softcap, logit_scale)
+
+
+def _rows_backward(ctx: torch.autograd.function.FunctionCtx, grad_rows: Tensor, grad_lse: Tensor) -> tuple:
+    input, target, lse = ctx.saved_tensors
+    grad = torch.ops.liger_autopatch.cross_entropy_rows_backward(grad_rows, input, target, lse, *ctx.scalars)
+    return grad, None, None, None, None, None
+
+
+_cross_entropy_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)

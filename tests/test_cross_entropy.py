@@ -1,0 +1,345 @@
+"""liger_autopatch.ops.cross_entropy against float64 references and torch itself.
+
+Without CUDA, the Triton kernels run on the CPU through the interpreter
+(TRITON_INTERPRET=1, set only while this module's tests run). Tests marked ``gpu`` need
+CUDA and run the compiled kernels at real sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liger_autopatch.ops.cross_entropy import cross_entropy, supports
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# The interpreter tests assert that the Triton path served them; with CUDA present the
+# CPU tensors go to the fallback, so they only run where the interpreter is on.
+interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="CPU interpreter tests; CUDA runs the gpu tests")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    """TRITON_INTERPRET=1 for this module only, and only without CUDA (so that GPU runs
+    compile the kernels and other test modules see the CPU fallback)."""
+    if HAS_CUDA:
+        yield
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+
+
+def reference(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> torch.Tensor:
+    """The same function in float64 torch ops (differentiable)."""
+    x = logits.double()
+    if logit_scale is not None:
+        x = x * logit_scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    if num_items_in_batch is not None:
+        loss = F.cross_entropy(x, target.long(), ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
+        return loss / (num_items_in_batch.double() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch)
+    return F.cross_entropy(x, target.long(), ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+
+
+def make_case(n: int, v: int, dtype: torch.dtype, device: str = "cpu", ignored: float = 0.25, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=generator) * 4).to(dtype).to(device)
+    target = torch.randint(0, v, (n,), generator=generator)
+    target[torch.rand(n, generator=generator) < ignored] = -100
+    return logits, target.to(device)
+
+
+def check(logits, target, grad_outputs=(1.0,), loss_rtol=1e-5, grad_tol=None, **kwargs):
+    """Loss and gradient against the float64 reference, for each grad_output in turn
+    (from one call site, so the site's choice of gradient path changes between them)."""
+    grad_tol = grad_tol if grad_tol is not None else (1e-5 if logits.dtype == torch.float32 else 8e-3)
+    ref_input = logits.detach().clone().requires_grad_()
+    ref_loss = reference(ref_input, target, **kwargs)
+    for scale in grad_outputs:
+        upstream = torch.full_like(ref_loss, scale) if ref_loss.dim() == 0 else torch.randn_like(ref_loss)
+        (ref_grad,) = torch.autograd.grad(ref_loss, ref_input, upstream, retain_graph=True)
+        leaf = logits.detach().clone().requires_grad_()
+        loss = cross_entropy(leaf, target, **kwargs)
+        assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+        torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=loss_rtol, atol=1e-6, equal_nan=True)
+        loss.backward(upstream.float())
+        assert leaf.grad.dtype == logits.dtype
+        scale_of = ref_grad.abs().max().clamp_min(1e-30)
+        error = (leaf.grad.double() - ref_grad).abs().max() / scale_of
+        assert error <= grad_tol, f"gradient error {error:.3g} (grad_output={scale})"
+
+
+@interpreter_only
+@pytest.mark.parametrize(
+    "n, v, dtype, kwargs",
+    [
+        (8, 300, torch.float32, {}),
+        (1, 300, torch.float32, {}),
+        (5, 40, torch.float32, {"reduction": "sum"}),  # V smaller than a block
+        (7, 300, torch.bfloat16, {"reduction": "none"}),
+        (6, 130, torch.float16, {"label_smoothing": 0.1}),
+        (6, 130, torch.float32, {"label_smoothing": 0.2, "reduction": "sum"}),
+        (6, 130, torch.float32, {"label_smoothing": 0.1, "reduction": "none"}),
+        (6, 200, torch.float32, {"num_items_in_batch": 11}),
+        (6, 200, torch.bfloat16, {"num_items_in_batch": torch.tensor(7)}),
+        (6, 200, torch.float32, {"softcap": 3.0}),
+        (6, 200, torch.float32, {"logit_scale": 0.0625, "label_smoothing": 0.1}),
+        (6, 200, torch.bfloat16, {"softcap": 30.0, "logit_scale": 2.0, "num_items_in_batch": 9}),
+    ],
+)
+def test_matches_float64_reference(n, v, dtype, kwargs):
+    logits, target = make_case(n, v, dtype)
+    assert supports(logits, target)
+    check(logits, target, grad_outputs=(1.0, 0.125, 0.125, 1.0), **kwargs)
+
+
+@interpreter_only
+def test_int32_targets_and_strided_rows():
+    wide, target = make_case(6, 260, torch.float32)
+    logits = wide[:, 3:203]  # rows 260 apart, 200 long
+    assert logits.stride(0) == 260
+    check(logits, target.to(torch.int32), reduction="sum")
+
+
+@interpreter_only
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(reduction):
+    logits, target = make_case(4, 100, torch.float32, ignored=1.0)
+    leaf = logits.clone().requires_grad_()
+    loss = cross_entropy(leaf, target, reduction=reduction)
+    expected = F.cross_entropy(logits, target, reduction=reduction)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    loss.sum().backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+@interpreter_only
+def test_ignore_index_at_or_above_vocabulary():
+    logits, target = make_case(6, 100, torch.float32, ignored=0.0)
+    target[1] = 100
+    target[4] = 100
+    check(logits, target, ignore_index=100)
+    check(logits, target, ignore_index=100, reduction="none")
+
+
+@interpreter_only
+def test_nan_and_inf_propagate_like_torch():
+    logits, target = make_case(4, 100, torch.float32, ignored=0.0)
+    logits[0, 5] = float("nan")
+    logits[1, :50] = float("-inf")  # masked vocabulary: finite loss
+    target[1] = 70
+    logits[2, 9] = float("inf")
+    loss = cross_entropy(logits, target, reduction="none")
+    expected = F.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    assert torch.isfinite(loss[1]) and loss[[0, 2]].isnan().all()
+
+
+@interpreter_only
+@pytest.mark.parametrize("bad", [100, 1000, -1, -101])
+def test_bad_target_raises_naming_it(bad):
+    logits, target = make_case(5, 100, torch.float32)
+    target[3] = bad
+    with pytest.raises(ValueError, match=rf"target {bad} is outside \[0, 100\)"):
+        cross_entropy(logits.requires_grad_(), target)
+
+
+@interpreter_only
+def test_callers_tensors_are_unchanged():
+    logits, target = make_case(6, 200, torch.bfloat16)
+    for grad_output in (1.0, 0.5, 0.5):
+        leaf = logits.clone().requires_grad_()
+        held = leaf * 1.0  # non-leaf the caller keeps
+        kept_logits, kept_target = held.detach().clone(), target.clone()
+        loss = cross_entropy(held, target)
+        (loss * grad_output).backward()
+        assert torch.equal(held.detach(), kept_logits)
+        assert torch.equal(target, kept_target)
+
+
+class _Probe(torch.autograd.Function):
+    """Identity that records the data pointers of its output and of the gradient."""
+
+    pointers: list[int] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x * 1.0
+        _Probe.pointers.append(y.data_ptr())
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        _Probe.pointers.append(grad.data_ptr())
+        return grad
+
+
+@interpreter_only
+def test_gradient_reuses_logits_only_nobody_else_holds():
+    logits, target = make_case(6, 200, torch.float32)
+    leaf = logits.clone().requires_grad_()
+    ref_input = logits.clone().requires_grad_()
+    for grad_output in (1.0, 0.25, 0.25):  # gradient in the forward, then in the backward
+        _Probe.pointers.clear()
+        leaf.grad = ref_input.grad = None
+        (cross_entropy(_Probe.apply(leaf), target) * grad_output).backward()
+        (reference(ref_input, target) * grad_output).backward()
+        in_place, grad_ptr = _Probe.pointers
+        assert in_place == grad_ptr, "a temporary's buffer should take its own gradient"
+        torch.testing.assert_close(leaf.grad, ref_input.grad, rtol=1e-5, atol=1e-9)
+
+        _Probe.pointers.clear()
+        held = _Probe.apply(leaf)
+        (cross_entropy(held, target) * grad_output).backward()
+        assert _Probe.pointers[0] != _Probe.pointers[1], "a held tensor must not be overwritten"
+
+
+@interpreter_only
+def test_call_site_switches_gradient_path():
+    logits, target = make_case(4, 100, torch.float32)
+    seen = []
+    for grad_output in (1.0, 0.5, 0.5, 1.0, 1.0):
+        leaf = logits.clone().requires_grad_()
+        loss = cross_entropy(leaf, target)
+        seen.append(loss.grad_fn.grad_in_forward)
+        (loss * grad_output).backward()
+    # The forward after a backward with grad_output != 1 keeps lse and makes the gradient
+    # in the backward; one with grad_output == 1 goes back to the gradient in the forward.
+    assert seen == [True, True, False, False, True]
+
+
+@interpreter_only
+def test_no_grad_forward_only():
+    logits, target = make_case(5, 150, torch.float32)
+    with torch.no_grad():
+        loss = cross_entropy(logits.requires_grad_(), target)
+    torch.testing.assert_close(loss.double(), reference(logits, target).detach(), rtol=1e-5, atol=1e-6)
+    assert loss.grad_fn is None
+
+
+@interpreter_only
+def test_custom_op_registration():
+    logits, target = make_case(4, 100, torch.float32)
+    torch.library.opcheck(
+        torch.ops.liger_autopatch.cross_entropy_rows.default,
+        (logits.requires_grad_(), target, -100, 0.1, None, 2.0),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+def test_fallback_is_exactly_torch(monkeypatch):
+    logits, target = make_case(6, 50, torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not supports(logits, target)
+    everything_counts = target.clamp_min(0)
+    for kwargs in ({}, {"reduction": "none", "label_smoothing": 0.1}, {"ignore_index": int(everything_counts[0]), "reduction": "sum"}):
+        labels = everything_counts if "ignore_index" in kwargs else target
+        assert torch.equal(cross_entropy(logits, labels, **kwargs), F.cross_entropy(logits, labels, **kwargs))
+    capped = cross_entropy(logits, target, softcap=5.0, logit_scale=0.5, num_items_in_batch=torch.tensor(4))
+    expected = F.cross_entropy(5.0 * torch.tanh(logits * 0.5 / 5.0), target, reduction="sum") / torch.tensor(4)
+    assert torch.equal(capped, expected)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (torch.randn(2, 3, 10), torch.randint(0, 3, (2, 10))),  # (N, C, d) input
+        lambda: (torch.randn(4, 10, dtype=torch.float64), torch.randint(0, 10, (4,))),
+        lambda: (torch.randn(4, 10), torch.softmax(torch.randn(4, 10), -1)),  # probabilities
+    ],
+)
+def test_unsupported_inputs_fall_back_to_torch(make):
+    logits, target = make()
+    assert not supports(logits, target)
+    assert torch.equal(cross_entropy(logits, target), F.cross_entropy(logits, target))
+
+
+def test_argument_errors():
+    logits, target = make_case(2, 10, torch.float32)
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(logits, target, reduction="avg")
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        cross_entropy(logits, target, reduction="none", num_items_in_batch=3)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: compiled kernels at real sizes.
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("v", [32000, 128256])
+@pytest.mark.parametrize("kwargs", [{}, {"label_smoothing": 0.1, "softcap": 30.0}, {"reduction": "none"}])
+def test_gpu_real_sizes(v, kwargs):
+    logits, target = make_case(2048, v, torch.bfloat16, device="cuda", ignored=0.1)
+    check(logits, target, grad_outputs=(1.0, 0.125, 0.125), **kwargs)
+
+
+@gpu
+@needs_cuda
+def test_gpu_64bit_offsets():
+    n, v = 16384, 262144  # n * v = 2^32 elements, 8 GiB of bf16
+    logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, v, (n,), device="cuda")
+    tail = slice(n - 4, n)
+    tail_logits = logits[tail].double().requires_grad_()
+    tail_target = target[tail].clone()
+    source = logits.requires_grad_()
+    rows = cross_entropy(source * 1.0, target, reduction="none")  # a temporary: in place
+    torch.testing.assert_close(rows[tail].double(), reference(tail_logits, tail_target, reduction="none").detach(), rtol=1e-5, atol=1e-5)
+    rows[tail].sum().backward()
+    (ref_grad,) = torch.autograd.grad(reference(tail_logits, tail_target, reduction="sum"), tail_logits)
+    assert (source.grad[tail].double() - ref_grad).abs().max() < 1e-2 * ref_grad.abs().max()
+    assert source.grad[: n - 4].abs().max() == 0
+
+
+@gpu
+@needs_cuda
+def test_gpu_bad_target_then_context_usable():
+    logits, target = make_case(1024, 32000, torch.bfloat16, device="cuda")
+    target[700] = 32000
+    with pytest.raises(ValueError, match="target 32000"):
+        cross_entropy(logits, target)
+    torch.cuda.synchronize()
+    target[700] = 5
+    check(logits, target)
+
+
+@gpu
+@needs_cuda
+def test_gpu_torch_compile_fullgraph():
+    logits, target = make_case(512, 32000, torch.bfloat16, device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def loss_fn(x, t):
+        return cross_entropy(x, t, label_smoothing=0.1, num_items_in_batch=300)
+
+    leaf = logits.clone().requires_grad_()
+    loss = loss_fn(leaf, target)
+    loss.backward()
+    ref_input = logits.clone().requires_grad_()
+    ref = reference(ref_input, target, label_smoothing=0.1, num_items_in_batch=300)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    assert (leaf.grad.double() - ref_input.grad).abs().max() < 8e-3 * ref_input.grad.abs().max()
