@@ -7,9 +7,10 @@ Loss and every parameter gradient must agree within the tolerance of the dtype, 
 patched run must have gone through the kernel. Cases that this transformers lacks (a
 model, ``num_items_in_batch`` or ``shift_labels`` in the forward) are skipped.
 
-Tolerance: the largest difference of a tensor at most ``rtol`` times the largest
-magnitude of the unpatched tensor, NaN where the unpatched one has NaN. (An elementwise
-relative bound would judge near-zero gradient entries by rounding noise alone.)
+Tolerance: the loss within ``rtol`` of the unpatched loss; every gradient entry within
+``rtol`` times the model's largest unpatched gradient entry; NaN exactly where the
+unpatched run has NaN. (An elementwise relative bound would judge near-zero gradient
+entries by rounding noise alone.)
 """
 
 from __future__ import annotations
@@ -55,29 +56,37 @@ def run_both(out_dir: Path, device: str, dtype: str, env: dict[str, str]) -> tup
     return results["patched"], results["unpatched"]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
-    """``actual`` within ``rtol`` of ``expected``, relative to the largest entry of ``expected``."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    """``actual`` within ``tolerance`` of ``expected`` everywhere, NaN in the same places."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
     nan = expected.isnan()
     assert torch.equal(actual.isnan(), nan), f"{what}: NaN in different places"
-    actual, expected = actual[~nan].double(), expected[~nan].double()
-    if expected.numel() == 0:
+    if nan.all():
         return
-    scale = expected.abs().max().item()
-    difference = (actual - expected).abs().max().item()
-    assert difference <= rtol * scale, f"{what}: differs by {difference:.3g}, {difference / scale:.3g} relative"
+    difference = (actual[~nan].double() - expected[~nan].double()).abs().max().item()
+    assert difference <= tolerance, f"{what}: differs by {difference:.3g}, more than {tolerance:.3g}"
+
+
+def largest_entry(tensors: list[torch.Tensor]) -> float:
+    """The largest magnitude among the non-NaN entries of ``tensors`` (0 if none)."""
+    return max((t.nan_to_num(0.0).abs().max().item() for t in tensors if t.numel()), default=0.0)
 
 
 def check_case(case: str, patched: dict, unpatched: dict, rtol: float) -> None:
-    """Loss and gradients of one case agree, and the patched run used our kernel."""
+    """Loss and gradients of one case agree, and the patched run used our kernel.
+
+    Gradients are judged against the largest gradient entry of the model: some are zero
+    in exact arithmetic (BERT's key bias under softmax), and rounding noise is all they have.
+    """
     expected, actual = unpatched[case], patched[case]
     if "unavailable" in expected:
         pytest.skip(expected["unavailable"])
     assert actual["kernel_calls"] >= 1, "the patched run never reached our kernel"
-    assert_close(actual["loss"], expected["loss"], rtol, "loss")
+    assert_close(actual["loss"], expected["loss"], rtol * largest_entry([expected["loss"]]), "loss")
     assert actual["grads"].keys() == expected["grads"].keys()
+    tolerance = rtol * largest_entry(list(expected["grads"].values()))
     for name, grad in expected["grads"].items():
-        assert_close(actual["grads"][name], grad, rtol, f"gradient of {name}")
+        assert_close(actual["grads"][name], grad, tolerance, f"gradient of {name}")
 
 
 @pytest.fixture(scope="module")

@@ -157,13 +157,21 @@ def test_every_loss_mapping_entry_of_an_original_is_the_module_attribute() -> No
             assert loss_utils.LOSS_MAPPING[key] is getattr(loss_utils, name), key
 
 
+def _trainer_module_checking_identity() -> types.ModuleType:
+    from transformers import trainer
+
+    if not hasattr(trainer, "ForCausalLMLoss"):
+        pytest.skip("this transformers' Trainer makes no identity check on ForCausalLMLoss")
+    return trainer
+
+
 @needs_loss_utils
 def test_trainer_counts_tokens_as_for_a_causal_lm(tmp_path: Any) -> None:
     # transformers 5.24's Trainer: `LOSS_MAPPING.get(loss_type) is ForCausalLMLoss`; a
     # mismatch would make it count labels[..., :] instead of labels[..., 1:].
     import transformers
-    from transformers import trainer as trainer_module
 
+    trainer_module = _trainer_module_checking_identity()
     assert trainer_module.ForCausalLMLoss is loss_utils.LOSS_MAPPING["ForCausalLM"] is loss_utils.ForCausalLMLoss
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
@@ -173,13 +181,12 @@ def test_trainer_counts_tokens_as_for_a_causal_lm(tmp_path: Any) -> None:
         trainer = transformers.Trainer(model=transformers.LlamaForCausalLM(config), args=arguments)
     except ImportError as missing:  # older Trainers need accelerate
         pytest.skip(f"Trainer cannot be built here: {missing}")
-    if not hasattr(trainer, "_loss_shifts_labels"):
-        pytest.skip("this Trainer makes no identity check on ForCausalLMLoss")
     assert trainer._loss_shifts_labels is True
 
 
 @needs_loss_utils
 def test_install_after_the_trainer_import_rebinds_the_trainer_too() -> None:
+    _trainer_module_checking_identity()
     code = """
     import json, os
     from transformers import trainer
