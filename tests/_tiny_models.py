@@ -79,7 +79,13 @@ def _configs() -> dict[str, Callable[[], Any]]:
             "Gemma2Config", head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=3.0
         ),
         "gpt2": lambda: transformers.GPT2Config(
-            vocab_size=VOCAB_SIZE, n_positions=64, n_embd=32, n_layer=1, n_head=4, bos_token_id=1, eos_token_id=2
+            vocab_size=VOCAB_SIZE,
+            n_positions=64,
+            n_embd=32,
+            n_layer=1,
+            n_head=4,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
         "bert": lambda: transformers.BertConfig(
             vocab_size=VOCAB_SIZE,
@@ -159,7 +165,9 @@ def model_inputs(model_name: str, model: Any, variant: str, device: str) -> dict
         inputs["labels"] = labels
         causal = model_name in _CAUSAL_MODELS
         counted = labels[:, 1:] if causal else labels
-        if variant in ("num_items", "num_items_int", "shift_labels") and not _accepts_loss_kwargs(model):
+        if variant in ("num_items", "num_items_int", "shift_labels") and not _accepts_loss_kwargs(
+            model
+        ):
             raise Unavailable(f"{type(model).__name__}.forward takes no loss keyword arguments")
         if variant == "num_items":
             inputs["num_items_in_batch"] = 2 * (counted != -100).sum()
@@ -171,7 +179,10 @@ def model_inputs(model_name: str, model: Any, variant: str, device: str) -> dict
             shift_labels = torch.randint(0, VOCAB_SIZE, (BATCH, SEQ), generator=generator)
             shift_labels[:, -2:] = -100
             inputs["shift_labels"] = shift_labels
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    return {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value
+        for key, value in inputs.items()
+    }
 
 
 def run_case(model_name: str, variant: str, device: str, dtype: Any) -> dict[str, Any]:
@@ -180,7 +191,9 @@ def run_case(model_name: str, variant: str, device: str, dtype: Any) -> dict[str
     inputs = model_inputs(model_name, model, variant, device)
     loss = model(**inputs).loss
     loss.backward()
-    grads = {name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None
+    }
     return {"loss": loss.detach().cpu(), "grads": grads}
 
 

@@ -32,12 +32,23 @@ def run_both(out_dir: Path, device: str, dtype: str, env: dict[str, str]) -> tup
     """Results of every case patched and unpatched, the two interpreters side by side."""
     children = {}
     for mode in ("patched", "unpatched"):
-        child_env = {k: v for k, v in os.environ.items() if k not in ("LIGER_DISABLE", "TRITON_INTERPRET")}
+        child_env = {
+            k: v for k, v in os.environ.items() if k not in ("LIGER_DISABLE", "TRITON_INTERPRET")
+        }
         child_env.update(env)
         if mode == "unpatched":
             child_env["LIGER_DISABLE"] = "1"
         out = out_dir / f"{mode}.pt"
-        command = [sys.executable, str(TINY_MODELS), "--mode", mode, "--device", device, "--dtype", dtype]
+        command = [
+            sys.executable,
+            str(TINY_MODELS),
+            "--mode",
+            mode,
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+        ]
         # Run outside the checkout: the child sees liger_autopatch as it is installed.
         child = subprocess.Popen(
             [*command, "--out", str(out)],
@@ -64,7 +75,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float,
     if nan.all():
         return
     difference = (actual[~nan].double() - expected[~nan].double()).abs().max().item()
-    assert difference <= tolerance, f"{what}: differs by {difference:.3g}, more than {tolerance:.3g}"
+    assert difference <= tolerance, (
+        f"{what}: differs by {difference:.3g}, more than {tolerance:.3g}"
+    )
 
 
 def largest_entry(tensors: list[torch.Tensor]) -> float:
@@ -92,7 +105,9 @@ def check_case(case: str, patched: dict, unpatched: dict, rtol: float) -> None:
 @pytest.fixture(scope="module")
 def cpu_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     """float32 on the CPU, our kernels under the Triton interpreter."""
-    return run_both(tmp_path_factory.mktemp("parity-cpu"), "cpu", "float32", {"TRITON_INTERPRET": "1"})
+    return run_both(
+        tmp_path_factory.mktemp("parity-cpu"), "cpu", "float32", {"TRITON_INTERPRET": "1"}
+    )
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)

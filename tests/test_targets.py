@@ -34,8 +34,15 @@ try:
 except ImportError:  # transformers < 4.46: only the model modules have targets
     loss_utils = None
 
-needs_loss_utils = pytest.mark.skipif(loss_utils is None, reason="this transformers has no loss_utils")
-LOSS_FUNCTIONS = ("fixed_cross_entropy", "ForCausalLMLoss", "ForMaskedLMLoss", "ForTokenClassification")
+needs_loss_utils = pytest.mark.skipif(
+    loss_utils is None, reason="this transformers has no loss_utils"
+)
+LOSS_FUNCTIONS = (
+    "fixed_cross_entropy",
+    "ForCausalLMLoss",
+    "ForMaskedLMLoss",
+    "ForTokenClassification",
+)
 TORCH_CROSS_ENTROPY = torch.nn.functional.cross_entropy
 
 
@@ -102,17 +109,23 @@ def fresh_loss_utils(fresh_registry: None) -> types.ModuleType:
 
 
 def _states(family: str) -> dict[str, tuple[str, str]]:
-    return {row.target: (row.state, row.detail) for row in _registry.status() if row.family == family}
+    return {
+        row.target: (row.state, row.detail) for row in _registry.status() if row.family == family
+    }
 
 
-def _loss_and_grad(function: Callable[..., torch.Tensor], logits: torch.Tensor, *args: Any, **kwargs: Any):
+def _loss_and_grad(
+    function: Callable[..., torch.Tensor], logits: torch.Tensor, *args: Any, **kwargs: Any
+):
     logits = logits.detach().requires_grad_()
     loss = function(logits, *args, **kwargs)
     loss.sum().backward()
     return loss.detach(), logits.grad
 
 
-def _causal_batch(dtype: torch.dtype = torch.float32, vocab: int = 37) -> tuple[torch.Tensor, torch.Tensor]:
+def _causal_batch(
+    dtype: torch.dtype = torch.float32, vocab: int = 37
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, vocab, generator=generator).to(dtype)
     labels = torch.randint(0, vocab, (2, 6), generator=generator)
@@ -122,7 +135,9 @@ def _causal_batch(dtype: torch.dtype = torch.float32, vocab: int = 37) -> tuple[
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
     """Same dtype and shape; within ``rtol`` of the largest entry of ``expected``."""
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item(), equal_nan=True)
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item(), equal_nan=True
+    )
 
 
 # --- what gets patched ------------------------------------------------------------------
@@ -133,7 +148,10 @@ def test_loss_functions_replaced_with_names_and_signatures_kept() -> None:
     states = _states("loss")
     for name in LOSS_FUNCTIONS:
         if not hasattr(loss_utils, name):
-            assert states[f"loss_utils.{name}"] == ("skipped", f"this transformers has no loss_utils.{name}")
+            assert states[f"loss_utils.{name}"] == (
+                "skipped",
+                f"this transformers has no loss_utils.{name}",
+            )
             continue
         replacement = getattr(loss_utils, name)
         original = _registry.original_of(replacement)
@@ -147,7 +165,11 @@ def test_loss_functions_replaced_with_names_and_signatures_kept() -> None:
 
 @needs_loss_utils
 def test_every_loss_mapping_entry_of_an_original_is_the_module_attribute() -> None:
-    originals = {_registry.original_of(getattr(loss_utils, name)) for name in LOSS_FUNCTIONS if hasattr(loss_utils, name)}
+    originals = {
+        _registry.original_of(getattr(loss_utils, name))
+        for name in LOSS_FUNCTIONS
+        if hasattr(loss_utils, name)
+    }
     assert not originals & set(loss_utils.LOSS_MAPPING.values()), "an original left in LOSS_MAPPING"
     expected = {"ForCausalLM": "ForCausalLMLoss", "ForConditionalGeneration": "ForCausalLMLoss",
                 "CsmForConditionalGeneration": "ForCausalLMLoss", "ForMaskedLM": "ForMaskedLMLoss",
@@ -172,12 +194,22 @@ def test_trainer_counts_tokens_as_for_a_causal_lm(tmp_path: Any) -> None:
     import transformers
 
     trainer_module = _trainer_module_checking_identity()
-    assert trainer_module.ForCausalLMLoss is loss_utils.LOSS_MAPPING["ForCausalLM"] is loss_utils.ForCausalLMLoss
+    assert (
+        trainer_module.ForCausalLMLoss
+        is loss_utils.LOSS_MAPPING["ForCausalLM"]
+        is loss_utils.ForCausalLMLoss
+    )
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
     )
     try:
-        arguments = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+        arguments = transformers.TrainingArguments(
+            output_dir=str(tmp_path), report_to=[], use_cpu=True
+        )
         trainer = transformers.Trainer(model=transformers.LlamaForCausalLM(config), args=arguments)
     except ImportError as missing:  # older Trainers need accelerate
         pytest.skip(f"Trainer cannot be built here: {missing}")
@@ -246,7 +278,13 @@ def test_causal_lm_loss_positional_keyword_and_unknown_arguments(
         # gemma2/3 and mixtral call positionally, llama by keyword; models pass more kwargs.
         positional = _loss_and_grad(loss_utils.ForCausalLMLoss, logits, labels, 37, num_items, -100)
         keyword = _loss_and_grad(
-            by_keyword, logits, labels=labels, vocab_size=37, num_items_in_batch=num_items, position_ids=None, foo=1
+            by_keyword,
+            logits,
+            labels=labels,
+            vocab_size=37,
+            num_items_in_batch=num_items,
+            position_ids=None,
+            foo=1,
         )
         for actual in (positional, keyword):
             assert_close(actual[0], expected[0])
@@ -255,7 +293,9 @@ def test_causal_lm_loss_positional_keyword_and_unknown_arguments(
 
 
 @needs_loss_utils
-def test_causal_lm_loss_shift_labels_and_ignore_index(unpatched: types.ModuleType, kernel_calls: list[int]) -> None:
+def test_causal_lm_loss_shift_labels_and_ignore_index(
+    unpatched: types.ModuleType, kernel_calls: list[int]
+) -> None:
     logits, labels = _causal_batch()
     original = unpatched.ForCausalLMLoss
     custom = labels.masked_fill(labels == -100, -1)
@@ -276,9 +316,21 @@ def test_masked_lm_token_classification_and_fixed_cross_entropy(
     logits, labels = _causal_batch()
     config = types.SimpleNamespace(num_labels=37)
     calls = [
-        ("fixed_cross_entropy", (logits.view(-1, 37), labels.view(-1)), {"num_items_in_batch": torch.tensor(7)}),
-        ("fixed_cross_entropy", (logits.view(-1, 37), labels.view(-1).clamp(0, 37)), {"ignore_index": 37}),
-        ("ForTokenClassification", (logits, labels, config), {"num_items_in_batch": 9, "unknown": 1}),
+        (
+            "fixed_cross_entropy",
+            (logits.view(-1, 37), labels.view(-1)),
+            {"num_items_in_batch": torch.tensor(7)},
+        ),
+        (
+            "fixed_cross_entropy",
+            (logits.view(-1, 37), labels.view(-1).clamp(0, 37)),
+            {"ignore_index": 37},
+        ),
+        (
+            "ForTokenClassification",
+            (logits, labels, config),
+            {"num_items_in_batch": 9, "unknown": 1},
+        ),
         ("ForMaskedLMLoss", (logits, labels, 37), {"num_items_in_batch": torch.tensor(9)}),
         ("ForMaskedLMLoss", (logits, labels, 37, None, -100), {}),
     ]
@@ -295,7 +347,9 @@ def test_masked_lm_token_classification_and_fixed_cross_entropy(
 
 
 @needs_loss_utils
-def test_loss_dtypes_follow_the_originals(unpatched: types.ModuleType, kernel_calls: list[int]) -> None:
+def test_loss_dtypes_follow_the_originals(
+    unpatched: types.ModuleType, kernel_calls: list[int]
+) -> None:
     # The model-level losses upcast, so they return float32; fixed_cross_entropy returns
     # the dtype of the logits it was given. Gradients come back in the logits' dtype.
     logits, labels = _causal_batch(torch.bfloat16)
@@ -338,7 +392,10 @@ def test_segmentation_and_float64_logits_go_to_the_original(
     segmentation = torch.randn(2, 5, 4, 4, generator=generator)  # (batch, classes, height, width)
     masks = torch.randint(0, 5, (2, 4, 4), generator=generator)
     masks[0, 0] = 255
-    rows, labels = torch.randn(8, 5, generator=generator, dtype=torch.float64), torch.randint(0, 5, (8,))
+    rows, labels = (
+        torch.randn(8, 5, generator=generator, dtype=torch.float64),
+        torch.randint(0, 5, (8,)),
+    )
     for x, target, kwargs in ((segmentation, masks, {"ignore_index": 255}), (rows, labels, {})):
         actual = _loss_and_grad(loss_utils.fixed_cross_entropy, x, target, **kwargs)
         expected = _loss_and_grad(unpatched.fixed_cross_entropy, x, target, **kwargs)
@@ -346,12 +403,20 @@ def test_segmentation_and_float64_logits_go_to_the_original(
     assert kernel_calls[0] == 0
 
 
-def test_cross_entropy_loss_subclass_uses_the_kernel_where_it_serves(kernel_calls: list[int]) -> None:
+def test_cross_entropy_loss_subclass_uses_the_kernel_where_it_serves(
+    kernel_calls: list[int],
+) -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(10, 7, generator=generator)
     labels = torch.randint(0, 7, (10,), generator=generator)
     labels[3] = -100
-    settings = [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1}, {"ignore_index": 2}]
+    settings = [
+        {},
+        {"reduction": "sum"},
+        {"reduction": "none"},
+        {"label_smoothing": 0.1},
+        {"ignore_index": 2},
+    ]
     for options in settings:
         actual = _loss_and_grad(AutopatchCrossEntropyLoss(**options), logits, labels.clamp_min(0))
         expected = _loss_and_grad(torch.nn.CrossEntropyLoss(**options), logits, labels.clamp_min(0))
@@ -369,7 +434,10 @@ def test_cross_entropy_loss_subclass_falls_back_to_torch(
     logits = torch.randn(6, 4, generator=generator)
     labels = torch.randint(0, 4, (6,), generator=generator)
     probabilities = torch.softmax(torch.randn(6, 4, generator=generator), dim=-1)
-    images, masks = torch.randn(2, 4, 3, 3, generator=generator), torch.randint(0, 4, (2, 3, 3), generator=generator)
+    images, masks = (
+        torch.randn(2, 4, 3, 3, generator=generator),
+        torch.randint(0, 4, (2, 3, 3), generator=generator),
+    )
     cases = [
         ({"weight": torch.rand(4, generator=generator)}, logits, labels),
         ({}, logits, probabilities),  # soft targets
@@ -389,7 +457,9 @@ def test_cross_entropy_loss_subclass_falls_back_to_torch(
 # --- gates and skips ----------------------------------------------------------------------
 
 
-def test_fresh_loss_utils_is_patched_and_unpatch_restores(fresh_loss_utils: types.ModuleType) -> None:
+def test_fresh_loss_utils_is_patched_and_unpatch_restores(
+    fresh_loss_utils: types.ModuleType,
+) -> None:
     module = fresh_loss_utils
     originals = {name: getattr(module, name) for name in LOSS_FUNCTIONS if hasattr(module, name)}
     mapping_before = dict(module.LOSS_MAPPING)
@@ -410,11 +480,18 @@ def test_fresh_loss_utils_is_patched_and_unpatch_restores(fresh_loss_utils: type
     assert all(getattr(module, name) is replacement for name, replacement in replacements.items())
 
 
-def test_unexpected_signature_is_skipped_with_the_reason(fresh_loss_utils: types.ModuleType) -> None:
+def test_unexpected_signature_is_skipped_with_the_reason(
+    fresh_loss_utils: types.ModuleType,
+) -> None:
     module = fresh_loss_utils
-    namespace: dict[str, Any] = {"__name__": module.__name__}
-    exec("def ForCausalLMLoss(logits, labels, vocab_size, reduction='mean', **kwargs):\n    pass", namespace)
-    changed = module.ForCausalLMLoss = namespace["ForCausalLMLoss"]
+
+    def ForCausalLMLoss(
+        logits, labels, vocab_size, reduction="mean", **kwargs
+    ):  # a future transformers
+        raise AssertionError("not called")
+
+    ForCausalLMLoss.__module__, ForCausalLMLoss.__qualname__ = module.__name__, "ForCausalLMLoss"
+    changed = module.ForCausalLMLoss = ForCausalLMLoss
     loss_functions.apply(module)
     state, detail = _states("loss")["loss_utils.ForCausalLMLoss"]
     assert state == "skipped" and "unexpected signature" in detail and "reduction='mean'" in detail
@@ -428,12 +505,20 @@ def test_missing_function_or_mapping_is_skipped(fresh_loss_utils: types.ModuleTy
     module.LOSS_MAPPING = list(module.LOSS_MAPPING.items())
     loss_functions.apply(module)
     states = _states("loss")
-    assert states["loss_utils.ForMaskedLMLoss"] == ("skipped", "this transformers has no loss_utils.ForMaskedLMLoss")
-    assert states["loss_utils.ForCausalLMLoss"] == ("skipped", "loss_utils.LOSS_MAPPING is not a dict")
+    assert states["loss_utils.ForMaskedLMLoss"] == (
+        "skipped",
+        "this transformers has no loss_utils.ForMaskedLMLoss",
+    )
+    assert states["loss_utils.ForCausalLMLoss"] == (
+        "skipped",
+        "loss_utils.LOSS_MAPPING is not a dict",
+    )
     assert states["loss_utils.fixed_cross_entropy"] == ("patched", "")
 
 
-def test_a_fixed_cross_entropy_from_somebody_else_is_left_with_its_callers(fresh_loss_utils: types.ModuleType) -> None:
+def test_a_fixed_cross_entropy_from_somebody_else_is_left_with_its_callers(
+    fresh_loss_utils: types.ModuleType,
+) -> None:
     module = fresh_loss_utils
     causal = module.ForCausalLMLoss
 
@@ -469,7 +554,9 @@ def test_liger_kernel_cross_entropy_is_left_to_run(
 
 
 @needs_loss_utils
-def test_liger_kernel_installed_after_us_still_runs(monkeypatch: pytest.MonkeyPatch, kernel_calls: list[int]) -> None:
+def test_liger_kernel_installed_after_us_still_runs(
+    monkeypatch: pytest.MonkeyPatch, kernel_calls: list[int]
+) -> None:
     # Trainer(use_liger_kernel=True) patches after transformers (and we) loaded loss_utils.
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", _liger_kernel_cross_entropy)
     _liger_kernel_cross_entropy.calls = 0
@@ -481,7 +568,9 @@ def test_liger_kernel_installed_after_us_still_runs(monkeypatch: pytest.MonkeyPa
 
 def test_values_liger_kernel_set_are_left_alone(fresh_loss_utils: types.ModuleType) -> None:
     module = fresh_loss_utils
-    liger_causal = types.FunctionType(module.ForCausalLMLoss.__code__, module.__dict__, "ForCausalLMLoss")
+    liger_causal = types.FunctionType(
+        module.ForCausalLMLoss.__code__, module.__dict__, "ForCausalLMLoss"
+    )
     liger_causal.__module__ = "liger_kernel.transformers.model.loss_utils"
     module.ForCausalLMLoss = liger_causal
     modeling = types.ModuleType("transformers.models.tiny.modeling_tiny")
@@ -492,7 +581,10 @@ def test_values_liger_kernel_set_are_left_alone(fresh_loss_utils: types.ModuleTy
     assert states["loss_utils.ForCausalLMLoss"][0] == "skipped"
     assert "liger-kernel replaced it" in states["loss_utils.ForCausalLMLoss"][1]
     assert states["modeling_tiny.CrossEntropyLoss"][0] == "skipped"
-    assert module.ForCausalLMLoss is liger_causal and modeling.CrossEntropyLoss is _LigerKernelCrossEntropyLoss
+    assert (
+        module.ForCausalLMLoss is liger_causal
+        and modeling.CrossEntropyLoss is _LigerKernelCrossEntropyLoss
+    )
 
 
 def test_model_module_gates_and_unpatch(fresh_registry: None) -> None:
@@ -508,6 +600,9 @@ def test_model_module_gates_and_unpatch(fresh_registry: None) -> None:
     assert states["modeling_other.CrossEntropyLoss"][0] == "skipped"
     assert "not torch.nn.CrossEntropyLoss" in states["modeling_other.CrossEntropyLoss"][1]
     assert "modeling_bare.CrossEntropyLoss" not in states  # nothing to patch: no row
-    assert plain.CrossEntropyLoss is AutopatchCrossEntropyLoss and other.CrossEntropyLoss is torch.nn.NLLLoss
+    assert (
+        plain.CrossEntropyLoss is AutopatchCrossEntropyLoss
+        and other.CrossEntropyLoss is torch.nn.NLLLoss
+    )
     _registry.unpatch()
     assert plain.CrossEntropyLoss is torch.nn.CrossEntropyLoss

@@ -25,7 +25,9 @@ def liger_kernel_owns_cross_entropy() -> bool:
     return is_liger_kernel(torch.nn.functional.cross_entropy)
 
 
-def kernel_serves(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> bool:
+def kernel_serves(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None
+) -> bool:
     """Whether our kernel computes ``cross_entropy(logits, labels)`` for this call.
 
     It does where the op runs its Triton kernels (:func:`~liger_autopatch.ops.cross_entropy.supports`:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from liger_autopatch._registry import ORIGINAL_ATTR, TargetPatch, apply_target, is_ours, original_of
+from liger_autopatch._registry import ORIGINAL_ATTR, TargetPatch, apply_target, original_of
 from liger_autopatch.targets._dispatch import (
     is_liger_kernel,
     kernel_loss,
@@ -37,9 +37,13 @@ from liger_autopatch.targets._dispatch import (
 FAMILY = "loss"
 
 # The signatures (annotations left out) whose behaviour the replacements reproduce.
-_VOCABULARY_LOSS = "(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs)"
+_VOCABULARY_LOSS = (
+    "(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs)"
+)
 _KNOWN_SIGNATURES: dict[str, tuple[str, ...]] = {
-    "fixed_cross_entropy": ("(source, target, num_items_in_batch=None, ignore_index=-100, **kwargs)",),
+    "fixed_cross_entropy": (
+        "(source, target, num_items_in_batch=None, ignore_index=-100, **kwargs)",
+    ),
     "ForCausalLMLoss": (
         _VOCABULARY_LOSS,  # transformers < 4.50: no shift_labels
         "(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs)",
@@ -77,7 +81,9 @@ def _stage(module: ModuleType, name: str, patch: TargetPatch) -> None:
         # The replacements compute what the originals compute through fixed_cross_entropy.
         callee = original_of(getattr(module, "fixed_cross_entropy", None))
         if not _is_defined_in(callee, module, "fixed_cross_entropy"):
-            patch.skip(f"loss_utils.fixed_cross_entropy is {_describe(callee)}; the original calls it")
+            patch.skip(
+                f"loss_utils.fixed_cross_entropy is {_describe(callee)}; the original calls it"
+            )
         if not isinstance(getattr(module, "LOSS_MAPPING", None), dict):
             patch.skip("loss_utils.LOSS_MAPPING is not a dict")
 
@@ -108,11 +114,15 @@ def _describe(value: Any) -> str:
 def _signature_shape(function: Callable[..., Any]) -> str:
     """The signature without annotations: what callers may pass, and the defaults."""
     signature = inspect.signature(function)
-    parameters = [p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()]
+    parameters = [
+        p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()
+    ]
     return str(signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty))
 
 
-def _transformers_modules_binding(original: Any, name: str, besides: ModuleType) -> list[ModuleType]:
+def _transformers_modules_binding(
+    original: Any, name: str, besides: ModuleType
+) -> list[ModuleType]:
     """Imported transformers modules other than ``besides`` whose global ``name`` is ``original``.
 
     Only where liger_autopatch starts after they imported it; on a first import of
@@ -128,7 +138,9 @@ def _transformers_modules_binding(original: Any, name: str, besides: ModuleType)
     ]
 
 
-def _keep_identity(replacement: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
+def _keep_identity(
+    replacement: Callable[..., Any], original: Callable[..., Any]
+) -> Callable[..., Any]:
     functools.update_wrapper(replacement, original)
     setattr(replacement, ORIGINAL_ATTR, original)
     return replacement
@@ -139,7 +151,9 @@ def _replace_fixed_cross_entropy(original: Callable[..., Any]) -> Callable[..., 
         if not kernel_serves(source, target, num_items_in_batch):
             return original(source, target, num_items_in_batch, ignore_index, **kwargs)
         # The original returns the loss in the dtype of the logits it was given.
-        return kernel_loss(source, target, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch).to(source.dtype)
+        return kernel_loss(
+            source, target, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch
+        ).to(source.dtype)
 
     return _keep_identity(fixed_cross_entropy, original)
 
@@ -167,21 +181,39 @@ def _replace_causal_lm_loss(original: Callable[..., Any]) -> Callable[..., Any]:
             rows = logits.reshape(-1, vocab_size)
             row_labels = next_tokens.reshape(-1).to(logits.device)
             if kernel_serves(rows, row_labels, num_items_in_batch):
-                return kernel_loss(rows, row_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+                return kernel_loss(
+                    rows,
+                    row_labels,
+                    ignore_index=ignore_index,
+                    num_items_in_batch=num_items_in_batch,
+                )
         return original(
-            logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels=shift_labels, **kwargs
+            logits,
+            labels,
+            vocab_size,
+            num_items_in_batch,
+            ignore_index,
+            shift_labels=shift_labels,
+            **kwargs,
         )
 
     return _keep_identity(ForCausalLMLoss, original)
 
 
 def _replace_masked_lm_loss(original: Callable[..., Any]) -> Callable[..., Any]:
-    def ForMaskedLMLoss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    def ForMaskedLMLoss(
+        logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs
+    ):
         if logits.shape[-1] == vocab_size:
             rows = logits.reshape(-1, vocab_size)
             row_labels = labels.reshape(-1).to(logits.device)
             if kernel_serves(rows, row_labels, num_items_in_batch):
-                return kernel_loss(rows, row_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+                return kernel_loss(
+                    rows,
+                    row_labels,
+                    ignore_index=ignore_index,
+                    num_items_in_batch=num_items_in_batch,
+                )
         return original(logits, labels, vocab_size, num_items_in_batch, ignore_index, **kwargs)
 
     return _keep_identity(ForMaskedLMLoss, original)
@@ -196,7 +228,12 @@ def _replace_token_classification_loss(original: Callable[..., Any]) -> Callable
             num_items_in_batch = kwargs.get("num_items_in_batch")
             if kernel_serves(rows, row_labels, num_items_in_batch):
                 ignore_index = kwargs.get("ignore_index", -100)
-                return kernel_loss(rows, row_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+                return kernel_loss(
+                    rows,
+                    row_labels,
+                    ignore_index=ignore_index,
+                    num_items_in_batch=num_items_in_batch,
+                )
         return original(logits, labels, config, **kwargs)
 
     return _keep_identity(ForTokenClassification, original)
