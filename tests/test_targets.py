@@ -16,8 +16,6 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit defines the kernels
-
 import pytest
 import torch
 
@@ -34,6 +32,9 @@ try:
 except ImportError:  # transformers < 4.46: only the model modules have targets
     loss_utils = None
 
+# The Triton path: the GPU where there is one, else the CPU under the Triton interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU = torch.device("cpu")
 needs_loss_utils = pytest.mark.skipif(
     loss_utils is None, reason="this transformers has no loss_utils"
 )
@@ -61,6 +62,25 @@ class _LigerKernelCrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
 
 _LigerKernelCrossEntropyLoss.__module__ = "liger_kernel.transformers.cross_entropy"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter() -> Iterator[None]:
+    """TRITON_INTERPRET=1 for this module's tests, only without CUDA.
+
+    Only there: triton.jit reads it when the kernels are first defined, and a GPU run must
+    compile them. Tests that need the CPU without the interpreter remove it themselves.
+    """
+    if DEVICE.type == "cuda":
+        yield
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
 
 
 @pytest.fixture
@@ -115,10 +135,21 @@ def _states(family: str) -> dict[str, tuple[str, str]]:
 
 
 def _loss_and_grad(
-    function: Callable[..., torch.Tensor], logits: torch.Tensor, *args: Any, **kwargs: Any
-):
-    logits = logits.detach().requires_grad_()
-    loss = function(logits, *args, **kwargs)
+    function: Callable[..., torch.Tensor],
+    logits: torch.Tensor,
+    *args: Any,
+    device: torch.device = DEVICE,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and gradient of the logits, every tensor argument moved to ``device`` first."""
+
+    def moved(value: Any) -> Any:
+        return value.to(device) if isinstance(value, (torch.Tensor, torch.nn.Module)) else value
+
+    logits = logits.detach().to(device).requires_grad_()
+    args = tuple(moved(value) for value in args)
+    kwargs = {key: moved(value) for key, value in kwargs.items()}
+    loss = moved(function)(logits, *args, **kwargs)
     loss.sum().backward()
     return loss.detach(), logits.grad
 
@@ -358,8 +389,8 @@ def test_loss_dtypes_follow_the_originals(
     assert (loss.dtype, grad.dtype) == (torch.float32, torch.bfloat16)
     assert_close(loss, expected_loss)
     assert_close(grad.float(), expected_grad.float(), rtol=1e-2)
-    rows = logits.view(-1, 37)
-    assert loss_utils.fixed_cross_entropy(rows, labels.view(-1)).dtype == torch.bfloat16
+    rows, row_labels = logits.view(-1, 37).to(DEVICE), labels.view(-1).to(DEVICE)
+    assert loss_utils.fixed_cross_entropy(rows, row_labels).dtype == torch.bfloat16
     assert kernel_calls[0] == 2
 
 
@@ -367,7 +398,7 @@ def test_loss_dtypes_follow_the_originals(
 def test_without_the_triton_path_the_originals_run(
     unpatched: types.ModuleType, monkeypatch: pytest.MonkeyPatch, kernel_calls: list[int]
 ) -> None:
-    monkeypatch.delenv("TRITON_INTERPRET")  # CPU tensors, no interpreter: nothing to accelerate
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU, no interpreter: no Triton path
     logits, labels = _causal_batch()
     config = types.SimpleNamespace(num_labels=37)
     calls = [
@@ -378,8 +409,8 @@ def test_without_the_triton_path_the_originals_run(
     ]
     for name, (x, *args) in calls:
         if hasattr(loss_utils, name):
-            actual = _loss_and_grad(getattr(loss_utils, name), x, *args)
-            expected = _loss_and_grad(getattr(unpatched, name), x, *args)
+            actual = _loss_and_grad(getattr(loss_utils, name), x, *args, device=CPU)
+            expected = _loss_and_grad(getattr(unpatched, name), x, *args, device=CPU)
             assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1]), name
     assert kernel_calls[0] == 0
 
@@ -423,7 +454,7 @@ def test_cross_entropy_loss_subclass_uses_the_kernel_where_it_serves(
         assert_close(actual[0], expected[0])
         assert_close(actual[1], expected[1])
     assert kernel_calls[0] == len(settings)
-    half = AutopatchCrossEntropyLoss()(logits.to(torch.bfloat16), labels)
+    half = AutopatchCrossEntropyLoss()(logits.to(DEVICE, torch.bfloat16), labels.to(DEVICE))
     assert half.dtype == torch.bfloat16  # torch returns the input's dtype; so do we
 
 
@@ -448,8 +479,8 @@ def test_cross_entropy_loss_subclass_falls_back_to_torch(
         actual = _loss_and_grad(AutopatchCrossEntropyLoss(**options), x, target)
         expected = _loss_and_grad(torch.nn.CrossEntropyLoss(**options), x, target)
         assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
-    monkeypatch.delenv("TRITON_INTERPRET")
-    actual = _loss_and_grad(AutopatchCrossEntropyLoss(), logits, labels)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    actual = _loss_and_grad(AutopatchCrossEntropyLoss(), logits, labels, device=CPU)
     assert torch.equal(actual[0], torch.nn.CrossEntropyLoss()(logits, labels))
     assert kernel_calls[0] == 0
 
