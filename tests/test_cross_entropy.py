@@ -216,17 +216,22 @@ def test_gradient_reuses_logits_only_nobody_else_holds():
 
 
 @interpreter_only
-def test_call_site_switches_gradient_path():
+def test_call_site_predicts_grad_output():
     logits, target = make_case(4, 100, torch.float32)
+    ref_input = logits.clone().requires_grad_()
+    ref_loss = reference(ref_input, target)
     seen = []
-    for grad_output in (1.0, 0.5, 0.5, 1.0, 1.0):
+    for grad_output in (1.0, 0.5, 0.5, 0.5, 1.0, 1.0):
         leaf = logits.clone().requires_grad_()
         loss = cross_entropy(leaf, target)
-        seen.append(loss.grad_fn.grad_in_forward)
+        node = loss.grad_fn
+        seen.append(node.prediction.item() if node.grad_in_forward else None)
         (loss * grad_output).backward()
-    # The forward after a backward with grad_output != 1 keeps lse and makes the gradient
-    # in the backward; one with grad_output == 1 goes back to the gradient in the forward.
-    assert seen == [True, True, False, False, True]
+        (expected,) = torch.autograd.grad(ref_loss * grad_output, ref_input, retain_graph=True)
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-5, atol=1e-9)
+    # The gradient is made in the forward, scaled by the last backward's grad_output,
+    # except right after grad_output changed: then in the backward.
+    assert seen == [1.0, 1.0, None, 0.5, 0.5, None]
 
 
 @interpreter_only

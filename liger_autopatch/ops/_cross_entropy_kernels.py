@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -103,20 +103,23 @@ def check_targets_kernel(
     target_ptr,
     stride_target,
     status_ptr,
-    site_flag_ptr,
+    site_ptr,
+    prediction_ptr,
     n_rows,
     n_cols,
     ignore_index,
-    HAS_SITE_FLAG: tl.constexpr,
+    HAS_SITE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program: status = [a bad target (else ignore_index), site flag, non-ignored count].
+    """One program, run before the loss kernel so that one host read gives all it needs.
 
-    Run before the loss kernel so that one host read gives the error, the gradient path
-    for this call (from the flag the previous backward left) and the "mean" denominator.
+    status (int64) = [a bad target (else ignore_index), 1 if the call site's last two
+    grad_outputs differed, count of non-ignored targets]. With a site, ``prediction``
+    (float32) = the site's last grad_output (1 if none, 0 or not finite): the factor the
+    gradient-in-forward path bakes in.
     """
-    bad = ignore_index
-    n_valid = 0
+    bad = ignore_index + tl.zeros([], dtype=tl.int64)
+    n_valid = tl.zeros([], dtype=tl.int64)
     start = 0
     while start < n_rows:
         offs = start + tl.arange(0, BLOCK)
@@ -129,12 +132,22 @@ def check_targets_kernel(
         first_bad_target = tl.sum(tl.where(offs == first_bad, target, 0), axis=0)
         bad = tl.where(first_bad < n_rows, first_bad_target, bad)
         start += BLOCK
-    site_flag = 0
-    if HAS_SITE_FLAG:
-        site_flag = tl.load(site_flag_ptr).to(tl.int64)
     tl.store(status_ptr, bad)
-    tl.store(status_ptr + 1, site_flag)
     tl.store(status_ptr + 2, n_valid)
+    if HAS_SITE:
+        last = tl.load(site_ptr)
+        usable = (last != 0.0) & (tl.abs(last) < float("inf"))
+        tl.store(prediction_ptr, tl.where(usable, last, 1.0))
+        tl.store(status_ptr + 1, (tl.load(site_ptr + 1) != 0.0).to(tl.int64))
+    else:
+        tl.store(status_ptr + 1, tl.zeros([], dtype=tl.int64))
+
+
+@triton.jit
+def _record_grad_output(site_ptr, grad_output):
+    """Site state = [this grad_output, whether it differed from the previous one]."""
+    tl.store(site_ptr + 1, (grad_output != tl.load(site_ptr)).to(tl.float32))
+    tl.store(site_ptr, grad_output)
 
 
 @triton.jit
@@ -226,6 +239,7 @@ def cross_entropy_forward_kernel(
     stride_grad_row,
     stride_grad_col,
     denominator_ptr,
+    prediction_ptr,
     n_rows,
     N_COLS: tl.constexpr,
     n_programs,
@@ -244,14 +258,16 @@ def cross_entropy_forward_kernel(
 ):
     """Per-row loss (unreduced, float32), optionally lse (base 2) and the gradient.
 
-    WRITE_GRAD writes ``d loss_row / d z / denominator`` into grad (which may be the
-    logits buffer itself: each block is read before it is written).
+    WRITE_GRAD writes ``prediction / denominator * d loss_row / d z`` into grad (which
+    may be the logits buffer itself: each block is read before it is written).
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     scale = 1.0
-    if HAS_DENOMINATOR:
-        scale = 1.0 / tl.load(denominator_ptr).to(tl.float32)
+    if WRITE_GRAD:
+        scale = tl.load(prediction_ptr)
+        if HAS_DENOMINATOR:
+            scale = scale / tl.load(denominator_ptr).to(tl.float32)
     # A while loop: the interpreter cannot run range() over run-time bounds.
     row = pid.to(tl.int64)
     while row < n_rows:
@@ -278,7 +294,7 @@ def cross_entropy_backward_kernel(
     grad_ptr,
     stride_grad_row,
     stride_grad_col,
-    site_flag_ptr,
+    site_ptr,
     n_rows,
     N_COLS: tl.constexpr,
     n_programs,
@@ -289,19 +305,19 @@ def cross_entropy_backward_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_DENOMINATOR: tl.constexpr,
-    HAS_SITE_FLAG: tl.constexpr,
+    HAS_SITE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """grad[r] = grad_output[r] / denominator * d loss_r / d z[r]: one read, one write.
 
-    ``grad_output`` has stride 0 for a reduced loss. HAS_SITE_FLAG records in the call
-    site's flag whether that (scalar) grad_output differed from 1.
+    ``grad_output`` has stride 0 for a reduced loss; HAS_SITE records that (scalar)
+    grad_output in the call site's state.
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    if HAS_SITE_FLAG:
+    if HAS_SITE:
         if pid == 0:
-            tl.store(site_flag_ptr, (tl.load(grad_output_ptr) != 1.0).to(tl.int32))
+            _record_grad_output(site_ptr, tl.load(grad_output_ptr))
     inv_denominator = 1.0
     if HAS_DENOMINATOR:
         inv_denominator = 1.0 / tl.load(denominator_ptr).to(tl.float32)
@@ -322,28 +338,30 @@ def cross_entropy_backward_kernel(
 
 
 @triton.jit
-def scale_gradient_kernel(
+def correct_gradient_kernel(
     grad_ptr,
     stride_grad_row,
     stride_grad_col,
     grad_output_ptr,
-    site_flag_ptr,
+    prediction_ptr,
+    site_ptr,
     n_rows,
     N_COLS: tl.constexpr,
     n_programs,
     BLOCK: tl.constexpr,
 ):
-    """grad *= grad_output (a 0-d tensor) in place, skipped on the device when it is 1.
-
-    Lets the gradient-in-forward path honour any grad_output without a host sync, and
-    records in the call site's flag whether the multiply was needed.
+    """grad *= grad_output / prediction in place; nothing to do (decided on the device,
+    no host sync) when the forward predicted grad_output right. Records grad_output in
+    the call site's state for the next forward's prediction.
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     grad_output = tl.load(grad_output_ptr)
+    prediction = tl.load(prediction_ptr)
     if pid == 0:
-        tl.store(site_flag_ptr, (grad_output != 1.0).to(tl.int32))
-    if grad_output != 1.0:
+        _record_grad_output(site_ptr, grad_output)
+    if grad_output != prediction:
+        factor = grad_output / prediction
         row = pid.to(tl.int64)
         while row < n_rows:
             grad_row = grad_ptr + row * stride_grad_row
@@ -352,6 +370,6 @@ def scale_gradient_kernel(
                 mask = offs < N_COLS
                 ptrs = grad_row + offs * stride_grad_col
                 g = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                g = (g * grad_output).to(grad_ptr.dtype.element_ty)
+                g = (g * factor).to(grad_ptr.dtype.element_ty)
                 tl.store(ptrs, g, mask=mask, cache_modifier=".cs")
             row += n_programs

@@ -4,16 +4,20 @@
 the ``num_items_in_batch`` / ``softcap`` / ``logit_scale`` folds that transformers' models
 use), in float32, without ever making a float32 copy of the logits.
 
-How the gradient is made (eager mode) is chosen per call site, from what the previous
-backward of the same call site saw:
+How the gradient is made (eager mode, reduced loss) is chosen per call site (the line
+that calls :func:`cross_entropy`), from what the backwards of that site saw:
 
-* gradient in the forward: while the site's last ``grad_output`` was 1 (the usual
-  ``loss.backward()``), the forward kernel writes ``d loss / d logits`` as it goes, reading
-  each row once from DRAM (the second read of a row comes from L2). The backward then
-  only multiplies by ``grad_output`` if it is not 1, decided on the device, with no sync.
-* gradient in the backward: after a ``grad_output`` other than 1 (loss scaling, gradient
-  accumulation), the forward keeps one float per row (log-sum-exp) and the backward makes
-  the gradient in one read + one write, already multiplied by ``grad_output``.
+* gradient in the forward (the usual case): the forward kernel writes
+  ``prediction * d loss / d logits`` as it goes, reading each row from DRAM once (the
+  second read of a row comes from L2), where ``prediction`` is the ``grad_output`` of the
+  site's last backward (1 at first). The backward checks on the device, with no sync,
+  that ``grad_output`` equals the prediction, and only if not rescales the gradient in
+  one more pass. A steady ``grad_output`` (1, or the 1/k of gradient accumulation, or a
+  loss scale) thus costs nothing.
+* gradient in the backward: when the site's last two ``grad_output`` differed, the
+  forward keeps one float per row (log-sum-exp) and the backward makes the gradient in
+  one read + one write, already multiplied by ``grad_output``. Per-row losses
+  (``reduction="none"``) always take this path.
 
 Either gradient goes into the logits buffer itself when nobody else can observe it (see
 :func:`_unobservable`), otherwise into a fresh buffer of the logits' dtype. Under
@@ -109,14 +113,16 @@ def cross_entropy(
     # mean the caller (or a wrapper) still holds the logits.
     only_our_reference = sys.getrefcount(input) <= _TEMPORARY_ARGUMENT_REFS
     site = _call_site(sys._getframe(1), input.device)
-    status = _check_targets(input, target, options, site)
+    status, prediction = _check_targets(input, target, options, site)
     denominator = _denominator(status[2], reduction, num_items_in_batch, input.device)
     if not (input.requires_grad and torch.is_grad_enabled()):
-        rows, _ = _forward(input, target, options, denominator, grad=None, store_lse=False)
+        rows, _ = _forward(input, target, options, denominator, None, grad=None, store_lse=False)
         return _reduce(rows, reduction, denominator)
-    grad_in_forward = reduction != "none" and site.grad_output_was_one
+    grad_in_forward = reduction != "none" and site.grad_output_steady
     in_place = grad_in_forward and only_our_reference and _unobservable(input)
-    return _CrossEntropy.apply(input, target, denominator, reduction, options, site, grad_in_forward, in_place)
+    return _CrossEntropy.apply(
+        input, target, denominator, prediction, reduction, options, site, grad_in_forward, in_place
+    )
 
 
 @dataclass(frozen=True)
@@ -129,16 +135,22 @@ class _Options:
 
 @dataclass
 class _CallSite:
-    """What the last backward of one call site saw, and the device flag it writes."""
+    """What the backwards of one call site saw.
 
-    grad_output_was_one: bool = True
-    flags: dict[torch.device, Tensor] = field(default_factory=dict)
+    The kernels keep it on the device, per device: float32 [last grad_output, 1 if it
+    differed from the one before]; ``grad_output_steady`` is the host's copy of the
+    second, read with the forward's one sync.
+    """
 
-    def flag(self, device: torch.device) -> Tensor:
-        """int32 scalar the backward kernels set to (grad_output != 1)."""
-        if device not in self.flags:
-            self.flags[device] = torch.zeros((), dtype=torch.int32, device=device)
-        return self.flags[device]
+    grad_output_steady: bool = True
+    states: dict[torch.device, Tensor] = field(default_factory=dict)
+
+    def state(self, device: torch.device) -> Tensor:
+        if device not in self.states:
+            state = torch.zeros(2, dtype=torch.float32, device=device)
+            state[0] = 1.0  # a fill on the device: no host copy, fine under graph capture
+            self.states[device] = state
+        return self.states[device]
 
 
 _call_sites: dict[tuple[object, int], _CallSite] = {}
@@ -149,7 +161,7 @@ def _call_site(frame: FrameType, device: torch.device) -> _CallSite:
     site = _call_sites.get(key)
     if site is None:
         site = _call_sites[key] = _CallSite()
-    site.flag(device)
+    site.state(device)
     return site
 
 
@@ -277,35 +289,40 @@ def _transform_args(options: _Options) -> dict[str, object]:
     }
 
 
-def _check_targets(input: Tensor, target: Tensor, options: _Options, site: _CallSite | None) -> Tensor:
-    """The forward's one device-to-host sync. Raises on a target outside [0, V) that is
-    not ignore_index, updates the call site from the flag its last backward left, and
-    returns the int64 status [bad target, site flag, non-ignored count] (on the device).
+def _check_targets(
+    input: Tensor, target: Tensor, options: _Options, site: _CallSite | None
+) -> tuple[Tensor, Tensor | None]:
+    """The forward's one device-to-host sync.
 
-    While torch.compile traces or a CUDA graph is captured nothing is read back: the
-    kernels then give a bad target's row a NaN loss.
+    Raises on a target outside [0, V) that is not ignore_index and updates the call
+    site's ``grad_output_steady``. Returns the int64 status [bad target, unsteady,
+    non-ignored count] and, with a site, the float32 grad_output prediction (both on the
+    device). While torch.compile traces or a CUDA graph is captured nothing is read back:
+    the kernels then give a bad target's row a NaN loss.
     """
     n_rows, n_cols = input.shape
     status = torch.empty(3, dtype=torch.int64, device=input.device)
+    prediction = torch.empty((), dtype=torch.float32, device=input.device) if site is not None else None
     _kernels().check_targets_kernel[(1,)](
         target, target.stride(0), status,
-        site.flag(input.device) if site is not None else status,
+        site.state(input.device) if site is not None else status,
+        prediction if prediction is not None else status,
         n_rows, n_cols, options.ignore_index,
-        HAS_SITE_FLAG=site is not None,
+        HAS_SITE=site is not None,
         BLOCK=1024 if input.is_cuda else 64,
         num_warps=4,
     )  # fmt: skip
     if torch.compiler.is_compiling() or (input.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return status
-    bad_target, grad_output_was_not_one, _ = status.tolist()
+        return status, prediction
+    bad_target, unsteady, _ = status.tolist()
     if site is not None:
-        site.grad_output_was_one = not grad_output_was_not_one
+        site.grad_output_steady = not unsteady
     if bad_target != options.ignore_index:
         raise ValueError(
             f"cross_entropy: target {bad_target} is outside [0, {n_cols}) "
             f"and is not ignore_index ({options.ignore_index})"
         )
-    return status
+    return status, prediction
 
 
 def _forward(
@@ -313,12 +330,13 @@ def _forward(
     target: Tensor,
     options: _Options,
     denominator: Tensor | None,
+    prediction: Tensor | None,
     *,
     grad: Tensor | None,
     store_lse: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Row losses (N,) float32 and, if asked, row log-sum-exp (base 2); writes the
-    gradient of sum(rows) / denominator into ``grad`` when given."""
+    gradient of prediction * sum(rows) / denominator into ``grad`` when given."""
     n_rows, n_cols = input.shape
     rows = torch.empty(n_rows, dtype=torch.float32, device=input.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=input.device) if store_lse else None
@@ -331,6 +349,7 @@ def _forward(
         rows, lse if lse is not None else rows,
         grad_buffer, grad_buffer.stride(0), grad_buffer.stride(1),
         denominator if denominator is not None else rows,
+        prediction if prediction is not None else rows,
         n_rows, N_COLS=n_cols, n_programs=grid[0],
         **_transform_args(options),
         HAS_SMOOTHING=options.label_smoothing != 0.0,
@@ -369,24 +388,24 @@ def _backward(
         grad_output, grad_output.stride(0) if grad_output.dim() else 0,
         denominator if denominator is not None else lse,
         grad, grad.stride(0), grad.stride(1),
-        site.flag(input.device) if site is not None else lse,
+        site.state(input.device) if site is not None else lse,
         n_rows, N_COLS=n_cols, n_programs=grid[0],
         **_transform_args(options),
         HAS_DENOMINATOR=denominator is not None,
-        HAS_SITE_FLAG=site is not None,
+        HAS_SITE=site is not None,
         BLOCK=config.block,
         num_warps=config.num_warps,
     )  # fmt: skip
     return grad
 
 
-def _scale_gradient(grad: Tensor, grad_output: Tensor, site: _CallSite) -> None:
+def _correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site: _CallSite) -> None:
     n_rows, n_cols = grad.shape
     config = launch_config(n_cols, grad.device)
     grid = _grid(n_rows, grad.device, config)
-    _kernels().scale_gradient_kernel[grid](
+    _kernels().correct_gradient_kernel[grid](
         grad, grad.stride(0), grad.stride(1),
-        grad_output.to(torch.float32), site.flag(grad.device),
+        grad_output.to(torch.float32), prediction, site.state(grad.device),
         n_rows, N_COLS=n_cols, n_programs=grid[0],
         BLOCK=config.block,
         num_warps=config.num_warps,
@@ -406,6 +425,7 @@ class _CrossEntropy(torch.autograd.Function):
         input: Tensor,
         target: Tensor,
         denominator: Tensor | None,
+        prediction: Tensor,
         reduction: str,
         options: _Options,
         site: _CallSite,
@@ -416,10 +436,11 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.site = site
         if grad_in_forward:
             grad = input if in_place else _fresh_gradient_buffer(input)
-            rows, _ = _forward(input, target, options, denominator, grad=grad, store_lse=False)
+            rows, _ = _forward(input, target, options, denominator, prediction, grad=grad, store_lse=False)
             ctx.grad = grad
+            ctx.prediction = prediction
         else:
-            rows, lse = _forward(input, target, options, denominator, grad=None, store_lse=True)
+            rows, lse = _forward(input, target, options, denominator, None, grad=None, store_lse=True)
             # Held as an attribute, not saved: at backward time this lets us see whether
             # anyone else still holds the logits (then the gradient may overwrite them).
             ctx.logits = input
@@ -430,11 +451,11 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        nones = (None,) * 7
+        nones = (None,) * 8
         if ctx.grad_in_forward:
             grad = ctx.grad
             del ctx.grad
-            _scale_gradient(grad, grad_output, ctx.site)
+            _correct_gradient(grad, grad_output, ctx.prediction, ctx.site)
             return (grad, *nones)
         logits = ctx.logits
         del ctx.logits
@@ -465,7 +486,7 @@ def _cross_entropy_rows(
     """Per-row losses (float32) and per-row log-sum-exp (base 2) for the backward."""
     options = _Options(ignore_index, label_smoothing, softcap, logit_scale)
     _check_targets(input, target, options, None)
-    rows, lse = _forward(input, target, options, None, grad=None, store_lse=True)
+    rows, lse = _forward(input, target, options, None, None, grad=None, store_lse=True)
     assert lse is not None
     return rows, lse
 

@@ -1,0 +1,237 @@
+"""Cross-entropy forward + backward on one GPU, side by side with the peers.
+
+    python bench/ce.py [--sweep] [--out bench/results]
+
+Rows: N = 8192 tokens, V in {32000, 128256, 262144}, bf16 logits, 10% of labels ignored,
+grad_output 1 and 1/8. Columns: median ms (triton.testing.do_bench, forward + backward),
+peak memory beyond the inputs, and the ratio to the floor = 2*N*V*2 bytes (read the
+logits once, write the gradient once) over the device copy bandwidth measured in the
+same run. Implementations:
+
+* liger_autopatch, logits held by the caller (gradient into a fresh buffer);
+* liger_autopatch, logits a temporary nobody else holds (gradient may reuse its buffer);
+* transformers' path: ``F.cross_entropy(logits.float(), ...)``;
+* torch eager on the bf16 logits; torch.compile of the upcast path;
+* liger-kernel ``LigerCrossEntropyLoss`` (if importable; it writes into the logits).
+
+``--sweep`` also times launch configurations of this package's kernels. The JSON goes to
+``<out>/ce-<gpu>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from liger_autopatch.ops import cross_entropy as ce
+
+N_TOKENS = 8192
+VOCABS = (32000, 128256, 262144)
+GRAD_OUTPUTS = (1.0, 0.125)
+IGNORED_FRACTION = 0.1
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+class _Recycle(torch.autograd.Function):
+    """Hands out one logits buffer as a fresh non-leaf tensor that nobody else holds, and
+    takes back whatever gradient arrives (the same buffer when the op worked in place)."""
+
+    pool: list[torch.Tensor] = []
+    gradient_pointers: list[int] = []
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor) -> torch.Tensor:
+        return _Recycle.pool.pop()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> None:
+        _Recycle.gradient_pointers.append(grad.data_ptr())
+        _Recycle.pool.append(grad)
+        return None
+
+
+def candidates(logits: torch.Tensor, target: torch.Tensor, grad_output: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """name -> one forward + backward, each writing the logits' gradient once."""
+    held = logits.detach().clone().requires_grad_()
+    anchor = torch.zeros((), device="cuda", requires_grad=True)
+    _Recycle.pool[:] = [logits.detach().clone()]
+
+    def ours_held() -> None:
+        loss = ce.cross_entropy(held, target)
+        torch.autograd.grad(loss, held, grad_output)
+
+    def ours_temporary() -> None:
+        loss = ce.cross_entropy(_Recycle.apply(anchor), target)
+        loss.backward(grad_output)
+
+    def transformers_path() -> None:
+        loss = F.cross_entropy(held.float(), target, ignore_index=-100)
+        torch.autograd.grad(loss, held, grad_output)
+
+    def torch_bf16() -> None:
+        loss = F.cross_entropy(held, target, ignore_index=-100)
+        torch.autograd.grad(loss, held, grad_output)
+
+    compiled = torch.compile(lambda x, t: F.cross_entropy(x.float(), t, ignore_index=-100))
+
+    def torch_compile() -> None:
+        torch.autograd.grad(compiled(held, target), held, grad_output)
+
+    runs = {
+        "liger_autopatch (held)": ours_held,
+        "liger_autopatch (temporary)": ours_temporary,
+        "transformers (.float())": transformers_path,
+        "torch eager bf16": torch_bf16,
+        "torch.compile": torch_compile,
+    }
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except ImportError:
+        return runs
+    liger_loss = LigerCrossEntropyLoss(ignore_index=-100)
+
+    def liger_kernel() -> None:
+        torch.autograd.grad(liger_loss(held, target), held, grad_output)
+
+    runs["liger-kernel 0.8.5"] = liger_kernel
+    return runs
+
+
+def measure(fn: Callable[[], None], rep: int = 200) -> tuple[float, int]:
+    """(median ms, peak bytes allocated beyond what was allocated before)."""
+    fn()  # compile / warm up, and let our call site settle on its gradient path
+    fn()
+    torch.cuda.synchronize()
+    ms = do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated() - base
+
+
+def our_path(logits: torch.Tensor, target: torch.Tensor, grad_output: torch.Tensor, name: str) -> str:
+    """Which gradient path our op took for this row, and where the gradient went."""
+    if "temporary" in name:
+        _Recycle.gradient_pointers.clear()
+        buffer_ptr = _Recycle.pool[0].data_ptr()
+        loss = ce.cross_entropy(_Recycle.apply(torch.zeros((), device="cuda", requires_grad=True)), target)
+        node = loss.grad_fn
+        loss.backward(grad_output)
+        in_place = _Recycle.gradient_pointers == [buffer_ptr]
+    else:
+        held = logits.detach().clone().requires_grad_()
+        loss = ce.cross_entropy(held, target)
+        node = loss.grad_fn
+        (grad,) = torch.autograd.grad(loss, held, grad_output)
+        in_place = grad.data_ptr() == held.data_ptr()
+    mode = f"grad-in-forward x{node.prediction.item():g}" if node.grad_in_forward else "grad-in-backward"
+    return mode + (", in place" if in_place else ", fresh buffer")
+
+
+def make_inputs(v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device="cuda").manual_seed(v)
+    logits = torch.randn(N_TOKENS, v, device="cuda", dtype=torch.bfloat16, generator=generator) * 2
+    target = torch.randint(0, v, (N_TOKENS,), device="cuda", generator=generator)
+    target[torch.rand(N_TOKENS, device="cuda", generator=generator) < IGNORED_FRACTION] = -100
+    return logits, target
+
+
+def sweep(bandwidth: float) -> list[dict]:
+    """Our fwd+bwd (temporary logits, grad_output 1) under several launch configurations."""
+    configs = [
+        ce.LaunchConfig(block, warps, per_sm, reverse)
+        for block, warps in ((2048, 4), (4096, 8), (8192, 8), (8192, 16))
+        for per_sm in (1, 2, 4)
+        for reverse in (False, True)
+        if not (reverse and per_sm == 4)
+    ]
+    default = ce.launch_config
+    results = []
+    one = torch.ones((), device="cuda")
+    for v in VOCABS:
+        logits, target = make_inputs(v)
+        floor_ms = 2 * N_TOKENS * v * 2 / bandwidth * 1e3
+        run = candidates(logits, target, one)["liger_autopatch (temporary)"]
+        for config in configs:
+            ce.launch_config = lambda n_cols, device, config=config: config
+            try:
+                ms, _ = measure(run, rep=80)
+            finally:
+                ce.launch_config = default
+            results.append({"V": v, **dataclasses.asdict(config), "ms": ms, "x_floor": ms / floor_ms})
+            print(f"sweep V={v:>6} {config}: {ms:.3f} ms, {ms / floor_ms:.2f}x floor", flush=True)
+        del logits, target, run
+        torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    parser.add_argument("--out", default="bench/results", help="folder for the JSON")
+    args = parser.parse_args()
+
+    gpu = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"{gpu}; torch {torch.__version__}, triton {triton.__version__}; copy {bandwidth / 1e12:.2f} TB/s")
+    sweep_results = sweep(bandwidth) if args.sweep else []
+
+    rows = []
+    for v in VOCABS:
+        logits, target = make_inputs(v)
+        floor_ms = 2 * N_TOKENS * v * 2 / bandwidth * 1e3
+        for g in GRAD_OUTPUTS:
+            grad_output = torch.tensor(g, device="cuda")
+            for name, fn in candidates(logits, target, grad_output).items():
+                ms, extra = measure(fn)
+                path = our_path(logits, target, grad_output, name) if name.startswith("liger_autopatch") else ""
+                rows.append(
+                    {"V": v, "grad_output": g, "impl": name, "ms": ms, "extra_bytes": extra,
+                     "floor_ms": floor_ms, "x_floor": ms / floor_ms, "path": path}
+                )  # fmt: skip
+                del fn
+            torch.cuda.empty_cache()
+        del logits, target
+        torch.cuda.empty_cache()
+
+    header = "| V | grad_output | implementation | ms | extra memory | x floor | path |"
+    print(f"\n{gpu}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, N = {N_TOKENS}, bf16, 10% ignored\n")
+    print(header)
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['V']} | {r['grad_output']:g} | {r['impl']} | {r['ms']:.3f} | "
+            f"{r['extra_bytes'] / 2**30:.2f} GiB | {r['x_floor']:.2f} | {r['path']} |"
+        )
+    print("\nfloors (ms): " + ", ".join(f"V={v}: {2 * N_TOKENS * v * 2 / bandwidth * 1e3:.3f}" for v in VOCABS))
+
+    date = datetime.date.today().isoformat()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ce-{gpu.replace(' ', '_')}-{date}.json"
+    meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": date,
+            "copy_bandwidth_bytes_per_s": bandwidth, "n_tokens": N_TOKENS}  # fmt: skip
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep_results}, indent=1))
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
