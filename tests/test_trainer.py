@@ -1,4 +1,4 @@
-"""A real client with no code change: transformers' Trainer with gradient accumulation.
+"""Real clients with no code change: transformers' Trainer and TRL's SFTTrainer.
 
 The same tiny training runs twice, each in a fresh interpreter: as installed (patched)
 and with LIGER_DISABLE=1. Gradient accumulation makes Trainer pass
@@ -56,3 +56,43 @@ def test_trainer_with_gradient_accumulation_matches_unpatched():
     assert patched["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     # The updates, hence the gradients and their num_items_in_batch scaling, agree too.
     assert patched["weights"] == pytest.approx(plain["weights"], rel=1e-4, abs=1e-4)
+
+
+SFT_TRAIN = """
+import json, tempfile
+import torch, transformers
+from datasets import Dataset
+from tokenizers import Tokenizer, models
+from trl import SFTConfig, SFTTrainer
+torch.manual_seed(0)
+config = transformers.LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+model = transformers.LlamaForCausalLM(config)
+vocab = {f"t{i}": i for i in range(384)}
+tokenizer = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0", pad_token="t1", eos_token="t2"
+)
+generator = torch.Generator().manual_seed(1)
+dataset = Dataset.from_list([{"input_ids": torch.randint(0, 384, (12,), generator=generator).tolist()} for _ in range(16)])
+logged = []
+
+class KeepLogs(transformers.TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            logged.append({key: logs[key] for key in ("loss", "mean_token_accuracy", "grad_norm")})
+
+with tempfile.TemporaryDirectory() as out:
+    args = SFTConfig(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+                     learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0)
+    SFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=dataset, callbacks=[KeepLogs()]).train()
+print(json.dumps(logged))
+"""
+
+
+def test_trl_sft_trainer_losses_and_token_accuracy_match_unpatched():
+    pytest.importorskip("trl")
+    patched = run_python(SFT_TRAIN, env={"TRITON_INTERPRET": "1"})
+    plain = run_python(SFT_TRAIN, env={"TRITON_INTERPRET": "1", "LIGER_DISABLE": "1"})
+    assert len(patched) == 3
+    for ours, theirs in zip(patched, plain):
+        assert ours == pytest.approx(theirs, rel=1e-5)
