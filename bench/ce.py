@@ -53,7 +53,6 @@ class _Recycle(torch.autograd.Function):
     takes back whatever gradient arrives (the same buffer when the op worked in place)."""
 
     pool: list[torch.Tensor] = []
-    gradient_pointers: list[int] = []
 
     @staticmethod
     def forward(ctx, anchor: torch.Tensor) -> torch.Tensor:
@@ -61,24 +60,31 @@ class _Recycle(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> None:
-        _Recycle.gradient_pointers.append(grad.data_ptr())
         _Recycle.pool.append(grad)
         return None
 
 
-def candidates(logits: torch.Tensor, target: torch.Tensor, grad_output: torch.Tensor) -> dict[str, Callable[[], None]]:
-    """name -> one forward + backward, each writing the logits' gradient once."""
+def candidates(
+    logits: torch.Tensor, target: torch.Tensor, grad_output: torch.Tensor, paths: dict[str, tuple]
+) -> dict[str, Callable[[], None]]:
+    """name -> one forward + backward, each writing the logits' gradient once. Our two
+    runs leave in ``paths`` their last call's autograd node and whether it worked in place."""
     held = logits.detach().clone().requires_grad_()
     anchor = torch.zeros((), device="cuda", requires_grad=True)
     _Recycle.pool[:] = [logits.detach().clone()]
 
     def ours_held() -> None:
         loss = ce.cross_entropy(held, target)
-        torch.autograd.grad(loss, held, grad_output)
+        node = loss.grad_fn
+        (grad,) = torch.autograd.grad(loss, held, grad_output)
+        paths["liger_autopatch (held)"] = (node, grad.data_ptr() == held.data_ptr())
 
     def ours_temporary() -> None:
+        buffer_pointer = _Recycle.pool[-1].data_ptr()
         loss = ce.cross_entropy(_Recycle.apply(anchor), target)
+        node = loss.grad_fn
         loss.backward(grad_output)
+        paths["liger_autopatch (temporary)"] = (node, _Recycle.pool[-1].data_ptr() == buffer_pointer)
 
     def transformers_path() -> None:
         loss = F.cross_entropy(held.float(), target, ignore_index=-100)
@@ -127,21 +133,8 @@ def measure(fn: Callable[[], None], rep: int = 200) -> tuple[float, int]:
     return ms, torch.cuda.max_memory_allocated() - base
 
 
-def our_path(logits: torch.Tensor, target: torch.Tensor, grad_output: torch.Tensor, name: str) -> str:
-    """Which gradient path our op took for this row, and where the gradient went."""
-    if "temporary" in name:
-        _Recycle.gradient_pointers.clear()
-        buffer_ptr = _Recycle.pool[0].data_ptr()
-        loss = ce.cross_entropy(_Recycle.apply(torch.zeros((), device="cuda", requires_grad=True)), target)
-        node = loss.grad_fn
-        loss.backward(grad_output)
-        in_place = _Recycle.gradient_pointers == [buffer_ptr]
-    else:
-        held = logits.detach().clone().requires_grad_()
-        loss = ce.cross_entropy(held, target)
-        node = loss.grad_fn
-        (grad,) = torch.autograd.grad(loss, held, grad_output)
-        in_place = grad.data_ptr() == held.data_ptr()
+def describe(node: object, in_place: bool) -> str:
+    """Which gradient path our op's autograd node took, and where the gradient went."""
     mode = f"grad-in-forward x{node.prediction.item():g}" if node.grad_in_forward else "grad-in-backward"
     return mode + (", in place" if in_place else ", fresh buffer")
 
@@ -157,19 +150,18 @@ def make_inputs(v: int) -> tuple[torch.Tensor, torch.Tensor]:
 def sweep(bandwidth: float) -> list[dict]:
     """Our fwd+bwd (temporary logits, grad_output 1) under several launch configurations."""
     configs = [
-        ce.LaunchConfig(block, warps, per_sm, reverse)
-        for block, warps in ((2048, 4), (4096, 8), (8192, 8), (8192, 16))
+        ce.LaunchConfig(block, warps, per_sm, stages, False)
+        for block, warps in ((4096, 4), (8192, 8), (8192, 16))
         for per_sm in (1, 2, 4)
-        for reverse in (False, True)
-        if not (reverse and per_sm == 4)
-    ]
+        for stages in (2, 3)
+    ] + [ce.LaunchConfig(8192, warps, per_sm, 3, True) for warps in (8, 16) for per_sm in (1, 2)]
     default = ce.launch_config
     results = []
     one = torch.ones((), device="cuda")
     for v in VOCABS:
         logits, target = make_inputs(v)
         floor_ms = 2 * N_TOKENS * v * 2 / bandwidth * 1e3
-        run = candidates(logits, target, one)["liger_autopatch (temporary)"]
+        run = candidates(logits, target, one, {})["liger_autopatch (temporary)"]
         for config in configs:
             ce.launch_config = lambda n_cols, device, config=config: config
             try:
@@ -200,9 +192,10 @@ def main() -> None:
         floor_ms = 2 * N_TOKENS * v * 2 / bandwidth * 1e3
         for g in GRAD_OUTPUTS:
             grad_output = torch.tensor(g, device="cuda")
-            for name, fn in candidates(logits, target, grad_output).items():
+            paths: dict[str, tuple] = {}
+            for name, fn in candidates(logits, target, grad_output, paths).items():
                 ms, extra = measure(fn)
-                path = our_path(logits, target, grad_output, name) if name.startswith("liger_autopatch") else ""
+                path = describe(*paths[name]) if name in paths else ""
                 rows.append(
                     {"V": v, "grad_output": g, "impl": name, "ms": ms, "extra_bytes": extra,
                      "floor_ms": floor_ms, "x_floor": ms / floor_ms, "path": path}

@@ -66,6 +66,7 @@ def _row_gradient(
     HAS_LOGIT_SCALE: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Write ``scale * d loss / d z`` for one row, BLOCK columns at a time.
 
@@ -75,7 +76,7 @@ def _row_gradient(
     last_start = (N_COLS - 1) // BLOCK * BLOCK
     on_target = (1.0 - label_smoothing) * scale
     uniform = label_smoothing / N_COLS * scale
-    for i in range(0, N_COLS, BLOCK):
+    for i in tl.range(0, N_COLS, BLOCK, num_stages=STAGES):
         if REVERSE:
             start = last_start - i
         else:
@@ -177,6 +178,7 @@ def _forward_row(
     WRITE_GRAD: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     target = tl.load(target_ptr + row * stride_target).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
@@ -193,7 +195,7 @@ def _forward_row(
         m2 = -float("inf")
         s = 0.0
         sum_x = 0.0
-        for start in range(0, N_COLS, BLOCK):
+        for start in tl.range(0, N_COLS, BLOCK, num_stages=STAGES):
             offs = start + cols
             mask = offs < N_COLS
             z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
@@ -222,7 +224,7 @@ def _forward_row(
             _row_gradient(
                 logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
                 target, lse2, scale, label_smoothing, softcap, logit_scale,
-                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK,
+                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK, STAGES,
             )
 
 
@@ -255,6 +257,7 @@ def cross_entropy_forward_kernel(
     HAS_DENOMINATOR: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Per-row loss (unreduced, float32), optionally lse (base 2) and the gradient.
 
@@ -275,7 +278,7 @@ def cross_entropy_forward_kernel(
             row, logits_ptr, stride_logits_row, stride_logits_col, target_ptr, stride_target,
             loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
             cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK, STAGES,
         )
         row += n_programs
 
@@ -307,6 +310,7 @@ def cross_entropy_backward_kernel(
     HAS_DENOMINATOR: tl.constexpr,
     HAS_SITE: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """grad[r] = grad_output[r] / denominator * d loss_r / d z[r]: one read, one write.
 
@@ -332,7 +336,7 @@ def cross_entropy_backward_kernel(
             _row_gradient(
                 logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col,
                 cols, N_COLS, target, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
-                logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK,
+                logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK, STAGES,
             )
         row += n_programs
 
@@ -349,6 +353,7 @@ def correct_gradient_kernel(
     N_COLS: tl.constexpr,
     n_programs,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """grad *= grad_output / prediction in place; nothing to do (decided on the device,
     no host sync) when the forward predicted grad_output right. Records grad_output in
@@ -365,7 +370,7 @@ def correct_gradient_kernel(
         row = pid.to(tl.int64)
         while row < n_rows:
             grad_row = grad_ptr + row * stride_grad_row
-            for start in range(0, N_COLS, BLOCK):
+            for start in tl.range(0, N_COLS, BLOCK, num_stages=STAGES):
                 offs = start + cols
                 mask = offs < N_COLS
                 ptrs = grad_row + offs * stride_grad_col

@@ -249,12 +249,15 @@ def _kernels() -> ModuleType:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block size (columns per step), warps per program, programs per SM, and whether
-    the gradient pass of the forward kernel walks rows from their end."""
+    """Block size (columns per step), warps per program, programs per SM, software
+    pipelining depth of the column loops (loads of later blocks in flight while one is
+    reduced), and whether the gradient pass of the forward kernel walks rows from their
+    end (the blocks read last by the max/sum pass are likeliest to be in L2)."""
 
     block: int
     num_warps: int
     programs_per_sm: int
+    stages: int
     reverse: bool
 
 
@@ -262,9 +265,9 @@ def launch_config(n_cols: int, device: torch.device) -> LaunchConfig:
     """Launch parameters for rows of ``n_cols`` logits (bench/ce.py sweeps these)."""
     if device.type != "cuda":
         # Interpreter: small blocks so that the tests cover multi-block rows.
-        return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, reverse=False)
+        return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, stages=1, reverse=False)
     block = min(8192, 1 << (n_cols - 1).bit_length())
-    return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=2, reverse=False)
+    return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=2, stages=3, reverse=False)
 
 
 _sm_counts: dict[torch.device, int] = {}
@@ -358,6 +361,7 @@ def _forward(
         HAS_DENOMINATOR=grad is not None and denominator is not None,
         REVERSE=config.reverse,
         BLOCK=config.block,
+        STAGES=config.stages,
         num_warps=config.num_warps,
     )  # fmt: skip
     return rows, lse
@@ -394,6 +398,7 @@ def _backward(
         HAS_DENOMINATOR=denominator is not None,
         HAS_SITE=site is not None,
         BLOCK=config.block,
+        STAGES=config.stages,
         num_warps=config.num_warps,
     )  # fmt: skip
     return grad
@@ -408,6 +413,7 @@ def _correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, sit
         grad_output.to(torch.float32), prediction, site.state(grad.device),
         n_rows, N_COLS=n_cols, n_programs=grid[0],
         BLOCK=config.block,
+        STAGES=config.stages,
         num_warps=config.num_warps,
     )  # fmt: skip
 
