@@ -249,36 +249,57 @@ def _kernels() -> ModuleType:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block size (columns per step), warps per program, programs per SM, software
-    pipelining depth of the column loops (loads of later blocks in flight while one is
-    reduced), and whether the gradient pass of the forward kernel walks rows from their
-    end (the blocks read last by the max/sum pass are likeliest to be in L2)."""
+    """How the kernels are launched for one row length.
+
+    block: columns per step; num_warps: per program; programs_per_sm: the persistent
+    grid is this many per SM; stages: software pipelining depth of the column loops;
+    reverse: the forward's gradient pass walks its columns from the end (the blocks read
+    last are likeliest to be in L2); split: programs sharing one row in the forward
+    kernel, a power of two (they wait for each other, so with split > 1 the grid is one
+    program per SM, whatever programs_per_sm says).
+    """
 
     block: int
     num_warps: int
     programs_per_sm: int
     stages: int
     reverse: bool
+    split: int = 1
+
+
+def _columns_per_program(n_cols: int, block: int, split: int) -> int:
+    """Whole blocks, so that ``split`` programs cover a row of ``n_cols``."""
+    per_program = -(-n_cols // split)
+    return -(-per_program // block) * block
 
 
 def launch_config(n_cols: int, device: torch.device) -> LaunchConfig:
     """Launch parameters for rows of ``n_cols`` logits (bench/ce.py sweeps these)."""
     if device.type != "cuda":
         # Interpreter: small blocks so that the tests cover multi-block rows.
+        # Interpreter: small blocks so that the tests cover multi-block rows; programs run
+        # one after another there, so they cannot wait for each other (split 1).
         return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, stages=1, reverse=False)
     block = min(8192, 1 << (n_cols - 1).bit_length())
-    return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=2, stages=3, reverse=False)
+    if n_cols < 65536:
+        return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=4, stages=1, reverse=False)
+    # Long rows: 64 KiB of bf16 per program, so each re-read is near its first read.
+    return LaunchConfig(block=8192, num_warps=16, programs_per_sm=1, stages=3, reverse=False, split=4 if n_cols < 196608 else 8)
 
 
 _sm_counts: dict[torch.device, int] = {}
 
 
-def _grid(n_rows: int, device: torch.device, config: LaunchConfig) -> tuple[int]:
+def _grid(n_rows: int, device: torch.device, config: LaunchConfig, split: int = 1) -> tuple[int]:
+    """Persistent grid: ``split`` programs per row, at most programs_per_sm per SM."""
     if device.type != "cuda":
-        return (min(n_rows, 3),)
+        return (split * min(n_rows, 3),)
     if device not in _sm_counts:
         _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return (min(n_rows, _sm_counts[device] * config.programs_per_sm),)
+    # Programs that wait for each other (split > 1) must all be resident: one per SM.
+    per_sm = config.programs_per_sm if split == 1 else 1
+    rows_at_once = max(1, _sm_counts[device] * per_sm // split)
+    return (split * min(n_rows, rows_at_once),)
 
 
 def _transform_args(options: _Options) -> dict[str, object]:
@@ -345,7 +366,11 @@ def _forward(
     lse = torch.empty(n_rows, dtype=torch.float32, device=input.device) if store_lse else None
     config = launch_config(n_cols, input.device)
     grad_buffer = grad if grad is not None else input
-    grid = _grid(n_rows, input.device, config)
+    # Rows are split only when the gradient pass re-reads them (that is what it is for).
+    split = config.split if grad is not None else 1
+    grid = _grid(n_rows, input.device, config, split)
+    partials = torch.empty(n_rows * split * 3, dtype=torch.float32, device=input.device) if split > 1 else rows
+    arrivals = torch.zeros(n_rows, dtype=torch.int32, device=input.device) if split > 1 else rows
     _kernels().cross_entropy_forward_kernel[grid](
         input, input.stride(0), input.stride(1),
         target, target.stride(0),
@@ -353,8 +378,12 @@ def _forward(
         grad_buffer, grad_buffer.stride(0), grad_buffer.stride(1),
         denominator if denominator is not None else rows,
         prediction if prediction is not None else rows,
-        n_rows, N_COLS=n_cols, n_programs=grid[0],
+        partials, arrivals,
+        n_rows, grid[0],
         **_transform_args(options),
+        N_COLS=n_cols,
+        SPLIT=split,
+        CHUNK=_columns_per_program(n_cols, config.block, split),
         HAS_SMOOTHING=options.label_smoothing != 0.0,
         STORE_LSE=store_lse,
         WRITE_GRAD=grad is not None,
@@ -393,8 +422,10 @@ def _backward(
         denominator if denominator is not None else lse,
         grad, grad.stride(0), grad.stride(1),
         site.state(input.device) if site is not None else lse,
-        n_rows, N_COLS=n_cols, n_programs=grid[0],
+        n_rows, grid[0],
         **_transform_args(options),
+        N_COLS=n_cols,
+        CHUNK=_columns_per_program(n_cols, config.block, 1),
         HAS_DENOMINATOR=denominator is not None,
         HAS_SITE=site is not None,
         BLOCK=config.block,
