@@ -30,9 +30,9 @@ def kernel_serves(
 ) -> bool:
     """Whether our kernel computes ``cross_entropy(logits, labels)`` for this call.
 
-    It does where the op runs its Triton kernels (:func:`~liger_autopatch.ops.cross_entropy.supports`:
-    (N, V) bf16/fp16/fp32 logits and (N,) integer labels on CUDA, or on the CPU under
-    ``TRITON_INTERPRET=1``), unless liger-kernel owns ``torch.nn.functional.cross_entropy``
+    It does where the op runs its Triton kernels (see
+    :func:`liger_autopatch.ops.cross_entropy.supports`: (N, V) bf16/fp16/fp32 logits and
+    (N,) integer labels on CUDA, or on the CPU under ``TRITON_INTERPRET=1``), unless liger-kernel owns ``torch.nn.functional.cross_entropy``
     (it was installed after us: the original, which calls it, keeps running). Everything
     else (N-d logits, probability targets, float64, CPU without ``TRITON_INTERPRET=1``, a
     ``num_items_in_batch`` that is neither int nor tensor) belongs to the original.

@@ -50,7 +50,10 @@ setattr(AutopatchCrossEntropyLoss, ORIGINAL_ATTR, torch.nn.CrossEntropyLoss)
 
 
 def apply(module: ModuleType) -> None:
-    """Rebind ``module.CrossEntropyLoss`` where it is torch's; modules without one are left unrecorded."""
+    """Rebind ``module.CrossEntropyLoss`` where it is torch's.
+
+    Modules without that global get no status row: most model modules have none.
+    """
     if "CrossEntropyLoss" not in vars(module):
         return
     target = f"{module.__name__.rsplit('.', 1)[-1]}.CrossEntropyLoss"
