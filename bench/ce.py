@@ -149,13 +149,9 @@ def make_inputs(v: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 L = ce.LaunchConfig
 SWEEP = {
-    32000: [L(8192, 8, 4, 1, False), L(8192, 8, 4, 3, False), L(4096, 4, 4, 3, False), L(8192, 16, 2, 1, True),
-            L(8192, 16, 1, 1, False, 2), L(8192, 16, 1, 3, False, 2), L(4096, 8, 1, 3, False, 2)],
-    128256: [L(8192, 16, 2, 1, True), L(8192, 16, 1, 1, False, 2), L(8192, 16, 1, 3, False, 2),
-             L(8192, 16, 1, 1, False, 4), L(8192, 16, 1, 3, False, 4), L(8192, 8, 1, 3, False, 4),
-             L(4096, 8, 1, 3, False, 4)],
-    262144: [L(8192, 8, 2, 1, True), L(8192, 16, 1, 3, False, 4), L(8192, 16, 1, 1, False, 8),
-             L(8192, 16, 1, 3, False, 8), L(8192, 8, 1, 3, False, 8), L(4096, 8, 1, 3, False, 8)],
+    32000: [L(8192, 8, 4, 1, False), L(8192, 8, 4, 3, False), L(8192, 16, 2, 1, True), L(4096, 4, 4, 1, False)],
+    128256: [L(8192, 16, 2, 1, True), L(8192, 16, 2, 3, True), L(8192, 8, 2, 1, True), L(8192, 8, 4, 1, False)],
+    262144: [L(8192, 8, 2, 1, True), L(8192, 16, 2, 1, True), L(8192, 8, 2, 3, True), L(8192, 8, 4, 1, False)],
 }  # fmt: skip
 
 

@@ -3,11 +3,8 @@
 Every kernel runs a persistent grid: program ``p`` handles rows ``p, p + P, p + 2P, ...``
 (P programs), so the grid size, not N, sets how many rows are in flight at once. That
 matters for the forward kernel that also writes the gradient: it reads each row twice
-(max/sum, then gradient), and the second read is served from L2 only while what the
-whole grid reads and writes in between fits there. For long rows the forward kernel
-therefore splits each row over SPLIT programs that exchange their partial max/sum
-through global memory and wait for each other (a counter per row): each program
-re-reads only its own chunk, soon after reading it.
+(max/sum, then gradient), and the second read is served from L2 only while
+``P * row bytes`` fits there.
 
 Logits are transformed in the kernel: ``x = logit_scale * z`` then
 ``x = softcap * tanh(x / softcap)``; the gradient is taken with respect to ``z``.
@@ -57,34 +54,34 @@ def _row_gradient(
     stride_in_col,
     out_row,
     stride_out_col,
-    col_start,
     cols,
+    N_COLS: tl.constexpr,
     target,
     lse2,
     scale,
     label_smoothing,
     softcap,
     logit_scale,
-    N_COLS: tl.constexpr,
-    CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """Write ``scale * d loss / d z`` for columns [col_start, col_start + CHUNK) of a row.
+    """Write ``scale * d loss / d z`` for one row, BLOCK columns at a time.
 
-    REVERSE walks the chunk from its end: the blocks read last by the max/sum pass are
-    the likeliest to still be in L2.
+    REVERSE walks the row from its end: the blocks read last by the max/sum pass are the
+    likeliest to still be in L2.
     """
+    last_start = (N_COLS - 1) // BLOCK * BLOCK
     on_target = (1.0 - label_smoothing) * scale
     uniform = label_smoothing / N_COLS * scale
-    for i in tl.range(0, CHUNK, BLOCK, num_stages=STAGES):
+    for i in tl.range(0, N_COLS, BLOCK, num_stages=STAGES):
         if REVERSE:
-            offs = col_start + (CHUNK - BLOCK - i) + cols
+            start = last_start - i
         else:
-            offs = col_start + i + cols
+            start = i
+        offs = start + cols
         mask = offs < N_COLS
         z = tl.load(in_row + offs * stride_in_col, mask=mask, other=0.0, eviction_policy="evict_first")
         x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
@@ -95,10 +92,10 @@ def _row_gradient(
 
 
 @triton.jit
-def _zero_chunk(out_row, stride_out_col, col_start, cols, N_COLS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _zero_row(out_row, stride_out_col, cols, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
     zeros = tl.zeros([BLOCK], dtype=out_row.dtype.element_ty)
-    for i in range(0, CHUNK, BLOCK):
-        offs = col_start + i + cols
+    for start in range(0, N_COLS, BLOCK):
+        offs = start + cols
         tl.store(out_row + offs * stride_out_col, zeros, mask=offs < N_COLS, cache_modifier=".cs")
 
 
@@ -155,17 +152,8 @@ def _record_grad_output(site_ptr, grad_output):
 
 
 @triton.jit
-def _combine(m2, s, other_m2, other_s):
-    """Merge two (running max, sum of exp2(x - max)) pairs; -inf maxima stay NaN-free."""
-    m2_new = tl.maximum(m2, other_m2)
-    shift = tl.where(m2_new == -float("inf"), 0.0, m2_new)
-    return m2_new, s * tl.exp2(m2 - shift) + other_s * tl.exp2(other_m2 - shift)
-
-
-@triton.jit
 def _forward_row(
     row,
-    part,
     logits_ptr,
     stride_logits_row,
     stride_logits_col,
@@ -176,17 +164,13 @@ def _forward_row(
     grad_ptr,
     stride_grad_row,
     stride_grad_col,
-    partials_ptr,
-    arrivals_ptr,
     scale,
     cols,
+    N_COLS: tl.constexpr,
     ignore_index,
     label_smoothing,
     softcap,
     logit_scale,
-    N_COLS: tl.constexpr,
-    SPLIT: tl.constexpr,
-    CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -196,72 +180,51 @@ def _forward_row(
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """Columns [part * CHUNK, (part + 1) * CHUNK) of one row; part 0 writes the loss."""
     target = tl.load(target_ptr + row * stride_target).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
-    col_start = part * CHUNK
     if target == ignore_index:
-        # Every part sees the same target, so none of them waits for the others.
-        if part == 0:
-            tl.store(loss_ptr + row, 0.0)
-            if STORE_LSE:
-                tl.store(lse_ptr + row, 0.0)
+        tl.store(loss_ptr + row, 0.0)
+        if STORE_LSE:
+            tl.store(lse_ptr + row, 0.0)
         if WRITE_GRAD:
-            _zero_chunk(grad_row, stride_grad_col, col_start, cols, N_COLS, CHUNK, BLOCK)
+            _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
     else:
         in_range = (target >= 0) & (target < N_COLS)
-        # Pass 1: running max (base 2) and sum of exp2 over this part's columns.
+        # Pass 1: running max (base 2) and sum of exp2, block by block.
         m2 = -float("inf")
         s = 0.0
         sum_x = 0.0
-        for i in tl.range(0, CHUNK, BLOCK, num_stages=STAGES):
-            offs = col_start + i + cols
+        for start in tl.range(0, N_COLS, BLOCK, num_stages=STAGES):
+            offs = start + cols
             mask = offs < N_COLS
             z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
             x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
             x2 = tl.where(mask, x * LOG2E, -float("inf"))
-            block_m2 = tl.max(x2, axis=0)
-            block_shift = tl.where(block_m2 == -float("inf"), 0.0, block_m2)
-            m2, s = _combine(m2, s, block_m2, tl.sum(tl.exp2(x2 - block_shift), axis=0))
+            m2_new = tl.maximum(m2, tl.max(x2, axis=0))
+            # All -inf so far: keep the sum 0 instead of exp2(-inf - -inf) = NaN.
+            shift = tl.where(m2_new == -float("inf"), 0.0, m2_new)
+            s = s * tl.exp2(m2 - shift) + tl.sum(tl.exp2(x2 - shift), axis=0)
+            m2 = m2_new
             if HAS_SMOOTHING:
                 sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        if SPLIT > 1:
-            # Publish this part's partials, then wait until all SPLIT parts of the row have.
-            slot = partials_ptr + (row * SPLIT + part) * 3
-            tl.store(slot, m2)
-            tl.store(slot + 1, s)
-            tl.store(slot + 2, sum_x)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(arrivals_ptr + row, 1, sem="release") + 1
-            while arrived < SPLIT:
-                arrived = tl.atomic_add(arrivals_ptr + row, 0, sem="acquire")
-            tl.debug_barrier()
-            parts = partials_ptr + (row * SPLIT + tl.arange(0, SPLIT)) * 3
-            all_m2 = tl.load(parts, cache_modifier=".cg")
-            all_s = tl.load(parts + 1, cache_modifier=".cg")
-            m2 = tl.max(all_m2, axis=0)
-            shift = tl.where(m2 == -float("inf"), 0.0, m2)
-            s = tl.sum(all_s * tl.exp2(all_m2 - shift), axis=0)
-            if HAS_SMOOTHING:
-                sum_x = tl.sum(tl.load(parts + 2, cache_modifier=".cg"), axis=0)
         shift = tl.where(m2 == -float("inf"), 0.0, m2)
         lse2 = shift + tl.log2(s)
-        if part == 0:
-            safe_target = tl.where(in_range, target, 0)
-            z_t = tl.load(logits_row + safe_target * stride_logits_col).to(tl.float32)
-            x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-            loss = lse2 * LN2 - (1.0 - label_smoothing) * x_t
-            if HAS_SMOOTHING:
-                loss -= label_smoothing / N_COLS * sum_x
-            tl.store(loss_ptr + row, tl.where(in_range, loss, float("nan")))
-            if STORE_LSE:
-                tl.store(lse_ptr + row, lse2)
+        safe_target = tl.where(in_range, target, 0)
+        z_t = tl.load(logits_row + safe_target * stride_logits_col).to(tl.float32)
+        x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+        loss = lse2 * LN2 - (1.0 - label_smoothing) * x_t
+        if HAS_SMOOTHING:
+            loss -= label_smoothing / N_COLS * sum_x
+        loss = tl.where(in_range, loss, float("nan"))
+        tl.store(loss_ptr + row, loss)
+        if STORE_LSE:
+            tl.store(lse_ptr + row, lse2)
         if WRITE_GRAD:
             _row_gradient(
-                logits_row, stride_logits_col, grad_row, stride_grad_col, col_start, cols,
+                logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
                 target, lse2, scale, label_smoothing, softcap, logit_scale,
-                N_COLS, CHUNK, HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK, STAGES,
+                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK, STAGES,
             )
 
 
@@ -279,17 +242,13 @@ def cross_entropy_forward_kernel(
     stride_grad_col,
     denominator_ptr,
     prediction_ptr,
-    partials_ptr,
-    arrivals_ptr,
     n_rows,
+    N_COLS: tl.constexpr,
     n_programs,
     ignore_index,
     label_smoothing,
     softcap,
     logit_scale,
-    N_COLS: tl.constexpr,
-    SPLIT: tl.constexpr,
-    CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -304,12 +263,8 @@ def cross_entropy_forward_kernel(
 
     WRITE_GRAD writes ``prediction / denominator * d loss_row / d z`` into grad (which
     may be the logits buffer itself: each block is read before it is written).
-    With SPLIT > 1 the programs of a row wait for each other, so the host launches no
-    more programs than can be resident at once (``partials``: 3 floats per part and row;
-    ``arrivals``: one zeroed int32 per row).
     """
     pid = tl.program_id(0)
-    part = pid % SPLIT
     cols = tl.arange(0, BLOCK)
     scale = 1.0
     if WRITE_GRAD:
@@ -317,15 +272,15 @@ def cross_entropy_forward_kernel(
         if HAS_DENOMINATOR:
             scale = scale / tl.load(denominator_ptr).to(tl.float32)
     # A while loop: the interpreter cannot run range() over run-time bounds.
-    row = (pid // SPLIT).to(tl.int64)
+    row = pid.to(tl.int64)
     while row < n_rows:
         _forward_row(
-            row, part, logits_ptr, stride_logits_row, stride_logits_col, target_ptr, stride_target,
-            loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, partials_ptr, arrivals_ptr,
-            scale, cols, ignore_index, label_smoothing, softcap, logit_scale, N_COLS, SPLIT, CHUNK,
+            row, logits_ptr, stride_logits_row, stride_logits_col, target_ptr, stride_target,
+            loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
+            cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
             HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK, STAGES,
         )
-        row += n_programs // SPLIT
+        row += n_programs
 
 
 @triton.jit
@@ -344,13 +299,12 @@ def cross_entropy_backward_kernel(
     stride_grad_col,
     site_ptr,
     n_rows,
+    N_COLS: tl.constexpr,
     n_programs,
     ignore_index,
     label_smoothing,
     softcap,
     logit_scale,
-    N_COLS: tl.constexpr,
-    CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_DENOMINATOR: tl.constexpr,
@@ -376,13 +330,13 @@ def cross_entropy_backward_kernel(
         target = tl.load(target_ptr + row * stride_target).to(tl.int64)
         grad_row = grad_ptr + row * stride_grad_row
         if target == ignore_index:
-            _zero_chunk(grad_row, stride_grad_col, 0, cols, N_COLS, CHUNK, BLOCK)
+            _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
         else:
             scale = tl.load(grad_output_ptr + row * stride_grad_output) * inv_denominator
             _row_gradient(
-                logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col, 0,
-                cols, target, tl.load(lse_ptr + row), scale, label_smoothing, softcap, logit_scale,
-                N_COLS, CHUNK, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK, STAGES,
+                logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col,
+                cols, N_COLS, target, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
+                logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK, STAGES,
             )
         row += n_programs
 

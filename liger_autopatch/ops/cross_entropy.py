@@ -113,16 +113,20 @@ def cross_entropy(
     # mean the caller (or a wrapper) still holds the logits.
     only_our_reference = sys.getrefcount(input) <= _TEMPORARY_ARGUMENT_REFS
     site = _call_site(sys._getframe(1), input.device)
-    status, prediction = _check_targets(input, target, options, site)
-    denominator = _denominator(status[2], reduction, num_items_in_batch, input.device)
+    check = _check_targets(input, target, options, site)
+    denominator = _denominator(check.status[2], reduction, num_items_in_batch, input.device)
     if not (input.requires_grad and torch.is_grad_enabled()):
         rows, _ = _forward(input, target, options, denominator, None, grad=None, store_lse=False)
-        return _reduce(rows, reduction, denominator)
-    grad_in_forward = reduction != "none" and site.grad_output_steady
-    in_place = grad_in_forward and only_our_reference and _unobservable(input)
-    return _CrossEntropy.apply(
-        input, target, denominator, prediction, reduction, options, site, grad_in_forward, in_place
-    )
+        loss = _reduce(rows, reduction, denominator)
+    else:
+        # grad_output_steady is what the site's previous call read back.
+        grad_in_forward = reduction != "none" and site.grad_output_steady
+        in_place = grad_in_forward and only_our_reference and _unobservable(input)
+        loss = _CrossEntropy.apply(
+            input, target, denominator, check.prediction, reduction, options, site, grad_in_forward, in_place
+        )
+    _read_check(check, input, options, site)
+    return loss
 
 
 @dataclass(frozen=True)
@@ -249,57 +253,41 @@ def _kernels() -> ModuleType:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How the kernels are launched for one row length.
-
-    block: columns per step; num_warps: per program; programs_per_sm: the persistent
-    grid is this many per SM; stages: software pipelining depth of the column loops;
-    reverse: the forward's gradient pass walks its columns from the end (the blocks read
-    last are likeliest to be in L2); split: programs sharing one row in the forward
-    kernel, a power of two (they wait for each other, so with split > 1 the grid is one
-    program per SM, whatever programs_per_sm says).
-    """
+    """Block size (columns per step), warps per program, programs per SM, software
+    pipelining depth of the column loops (loads of later blocks in flight while one is
+    reduced), and whether the gradient pass of the forward kernel walks rows from their
+    end (the blocks read last by the max/sum pass are likeliest to be in L2)."""
 
     block: int
     num_warps: int
     programs_per_sm: int
     stages: int
     reverse: bool
-    split: int = 1
-
-
-def _columns_per_program(n_cols: int, block: int, split: int) -> int:
-    """Whole blocks, so that ``split`` programs cover a row of ``n_cols``."""
-    per_program = -(-n_cols // split)
-    return -(-per_program // block) * block
 
 
 def launch_config(n_cols: int, device: torch.device) -> LaunchConfig:
     """Launch parameters for rows of ``n_cols`` logits (bench/ce.py sweeps these)."""
     if device.type != "cuda":
         # Interpreter: small blocks so that the tests cover multi-block rows.
-        # Interpreter: small blocks so that the tests cover multi-block rows; programs run
-        # one after another there, so they cannot wait for each other (split 1).
         return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, stages=1, reverse=False)
+    # Fastest measured on an H100 (bench/NOTES-ce.md): 2-4 programs per SM keep enough
+    # loads in flight; for long rows, walking the gradient pass backwards finds more of
+    # the row still in L2.
     block = min(8192, 1 << (n_cols - 1).bit_length())
     if n_cols < 65536:
         return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=4, stages=1, reverse=False)
-    # Long rows: 64 KiB of bf16 per program, so each re-read is near its first read.
-    return LaunchConfig(block=8192, num_warps=16, programs_per_sm=1, stages=3, reverse=False, split=4 if n_cols < 196608 else 8)
+    return LaunchConfig(block=8192, num_warps=16 if n_cols < 196608 else 8, programs_per_sm=2, stages=1, reverse=True)
 
 
 _sm_counts: dict[torch.device, int] = {}
 
 
-def _grid(n_rows: int, device: torch.device, config: LaunchConfig, split: int = 1) -> tuple[int]:
-    """Persistent grid: ``split`` programs per row, at most programs_per_sm per SM."""
+def _grid(n_rows: int, device: torch.device, config: LaunchConfig) -> tuple[int]:
     if device.type != "cuda":
-        return (split * min(n_rows, 3),)
+        return (min(n_rows, 3),)
     if device not in _sm_counts:
         _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    # Programs that wait for each other (split > 1) must all be resident: one per SM.
-    per_sm = config.programs_per_sm if split == 1 else 1
-    rows_at_once = max(1, _sm_counts[device] * per_sm // split)
-    return (split * min(n_rows, rows_at_once),)
+    return (min(n_rows, _sm_counts[device] * config.programs_per_sm),)
 
 
 def _transform_args(options: _Options) -> dict[str, object]:
@@ -313,17 +301,21 @@ def _transform_args(options: _Options) -> dict[str, object]:
     }
 
 
-def _check_targets(
-    input: Tensor, target: Tensor, options: _Options, site: _CallSite | None
-) -> tuple[Tensor, Tensor | None]:
-    """The forward's one device-to-host sync.
+@dataclass
+class _TargetCheck:
+    """What check_targets_kernel left: int64 status [bad target, unsteady, non-ignored
+    count] and the float32 grad_output prediction on the device, plus (CUDA) a pinned
+    host copy of the status and the event after which that copy is complete."""
 
-    Raises on a target outside [0, V) that is not ignore_index and updates the call
-    site's ``grad_output_steady``. Returns the int64 status [bad target, unsteady,
-    non-ignored count] and, with a site, the float32 grad_output prediction (both on the
-    device). While torch.compile traces or a CUDA graph is captured nothing is read back:
-    the kernels then give a bad target's row a NaN loss.
-    """
+    status: Tensor
+    prediction: Tensor | None
+    host_status: Tensor | None
+    copied: torch.cuda.Event | None
+
+
+def _check_targets(input: Tensor, target: Tensor, options: _Options, site: _CallSite | None) -> _TargetCheck:
+    """Launch the target check; its result is read by :func:`_read_check` once the loss
+    kernel is queued behind it, so that the GPU never waits for the host."""
     n_rows, n_cols = input.shape
     status = torch.empty(3, dtype=torch.int64, device=input.device)
     prediction = torch.empty((), dtype=torch.float32, device=input.device) if site is not None else None
@@ -336,17 +328,41 @@ def _check_targets(
         BLOCK=1024 if input.is_cuda else 64,
         num_warps=4,
     )  # fmt: skip
-    if torch.compiler.is_compiling() or (input.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return status, prediction
-    bad_target, unsteady, _ = status.tolist()
+    if not input.is_cuda or _no_host_reads(input):
+        return _TargetCheck(status, prediction, None, None)
+    host_status = torch.empty(3, dtype=torch.int64, pin_memory=True)
+    host_status.copy_(status, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return _TargetCheck(status, prediction, host_status, copied)
+
+
+def _no_host_reads(input: Tensor) -> bool:
+    return torch.compiler.is_compiling() or (input.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _read_check(check: _TargetCheck, input: Tensor, options: _Options, site: _CallSite | None) -> None:
+    """The forward's one device-to-host sync: it waits for the status copy only, not for
+    the loss kernel. Raises on a target outside [0, V) that is not ignore_index, and
+    updates the site's ``grad_output_steady`` (used by the site's next call).
+
+    While torch.compile traces or a CUDA graph is captured nothing is read back: the
+    kernels then give a bad target's row a NaN loss.
+    """
+    if _no_host_reads(input):
+        return
+    if check.copied is not None:
+        check.copied.synchronize()
+        bad_target, unsteady, _ = check.host_status.tolist()
+    else:
+        bad_target, unsteady, _ = check.status.tolist()
     if site is not None:
         site.grad_output_steady = not unsteady
     if bad_target != options.ignore_index:
         raise ValueError(
-            f"cross_entropy: target {bad_target} is outside [0, {n_cols}) "
+            f"cross_entropy: target {bad_target} is outside [0, {input.shape[1]}) "
             f"and is not ignore_index ({options.ignore_index})"
         )
-    return status, prediction
 
 
 def _forward(
@@ -366,11 +382,7 @@ def _forward(
     lse = torch.empty(n_rows, dtype=torch.float32, device=input.device) if store_lse else None
     config = launch_config(n_cols, input.device)
     grad_buffer = grad if grad is not None else input
-    # Rows are split only when the gradient pass re-reads them (that is what it is for).
-    split = config.split if grad is not None else 1
-    grid = _grid(n_rows, input.device, config, split)
-    partials = torch.empty(n_rows * split * 3, dtype=torch.float32, device=input.device) if split > 1 else rows
-    arrivals = torch.zeros(n_rows, dtype=torch.int32, device=input.device) if split > 1 else rows
+    grid = _grid(n_rows, input.device, config)
     _kernels().cross_entropy_forward_kernel[grid](
         input, input.stride(0), input.stride(1),
         target, target.stride(0),
@@ -378,12 +390,8 @@ def _forward(
         grad_buffer, grad_buffer.stride(0), grad_buffer.stride(1),
         denominator if denominator is not None else rows,
         prediction if prediction is not None else rows,
-        partials, arrivals,
-        n_rows, grid[0],
+        n_rows, N_COLS=n_cols, n_programs=grid[0],
         **_transform_args(options),
-        N_COLS=n_cols,
-        SPLIT=split,
-        CHUNK=_columns_per_program(n_cols, config.block, split),
         HAS_SMOOTHING=options.label_smoothing != 0.0,
         STORE_LSE=store_lse,
         WRITE_GRAD=grad is not None,
@@ -422,10 +430,8 @@ def _backward(
         denominator if denominator is not None else lse,
         grad, grad.stride(0), grad.stride(1),
         site.state(input.device) if site is not None else lse,
-        n_rows, grid[0],
+        n_rows, N_COLS=n_cols, n_programs=grid[0],
         **_transform_args(options),
-        N_COLS=n_cols,
-        CHUNK=_columns_per_program(n_cols, config.block, 1),
         HAS_DENOMINATOR=denominator is not None,
         HAS_SITE=site is not None,
         BLOCK=config.block,
@@ -522,8 +528,9 @@ def _cross_entropy_rows(
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses (float32) and per-row log-sum-exp (base 2) for the backward."""
     options = _Options(ignore_index, label_smoothing, softcap, logit_scale)
-    _check_targets(input, target, options, None)
+    check = _check_targets(input, target, options, None)
     rows, lse = _forward(input, target, options, None, None, grad=None, store_lse=True)
+    _read_check(check, input, options, None)
     assert lse is not None
     return rows, lse
 
