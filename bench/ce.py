@@ -119,7 +119,7 @@ def candidates(
     return runs
 
 
-def measure(fn: Callable[[], None], rep: int = 200) -> tuple[float, int]:
+def measure(fn: Callable[[], None], rep: int = 100) -> tuple[float, int]:
     """(median ms, peak bytes allocated beyond what was allocated before)."""
     fn()  # compile / warm up, and let our call site settle on its gradient path
     fn()
