@@ -9,13 +9,16 @@ a script in a subprocess to compute every case in one interpreter::
 done it) and counts the calls that reach our kernel; ``--mode unpatched`` never imports
 liger_autopatch and is meant to run with ``LIGER_DISABLE=1``. The result, saved with
 ``torch.save``, maps each case name to ``{"loss", "grads", "kernel_calls"}`` or to
-``{"unavailable": reason}`` where this transformers lacks the model or the argument.
+``{"unavailable": reason}`` where this transformers lacks the model or the argument, and
+lists the transformers globals that are liger_autopatch's replacements.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -212,8 +215,26 @@ def _count_kernel_calls() -> list[int]:
     return calls
 
 
-def run_all(mode: str, device: str, dtype_name: str) -> dict[str, dict[str, Any]]:
-    """Every case of :data:`CASES`, patched (counting kernel calls) or as transformers has it."""
+def patched_globals() -> list[str]:
+    """The loss globals of imported transformers modules that liger_autopatch replaced.
+
+    Read from the replacements' own mark, without importing liger_autopatch.
+    """
+    names = ("fixed_cross_entropy", "ForCausalLMLoss", "ForMaskedLMLoss", "ForTokenClassification")
+    return sorted(
+        f"{module_name}.{name}"
+        for module_name, module in list(sys.modules.items())
+        if module_name.startswith("transformers.") and isinstance(module, types.ModuleType)
+        for name in (*names, "CrossEntropyLoss")
+        if hasattr(vars(module).get(name), "__liger_autopatch_original__")
+    )
+
+
+def run_all(mode: str, device: str, dtype_name: str) -> dict[str, Any]:
+    """Every case of :data:`CASES`, patched (counting kernel calls) or as transformers has it.
+
+    ``{"cases": {name: result}, "patched": patched_globals()}``.
+    """
     import torch
 
     calls = None
@@ -232,7 +253,7 @@ def run_all(mode: str, device: str, dtype_name: str) -> dict[str, dict[str, Any]
             results[name] = {"unavailable": str(reason)}
             continue
         results[name]["kernel_calls"] = calls[0] - before if calls else None
-    return results
+    return {"cases": results, "patched": patched_globals()}
 
 
 def main() -> None:

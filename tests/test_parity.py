@@ -100,7 +100,7 @@ def check_case(case: str, patched: dict, unpatched: dict, rtol: float) -> None:
     off by up to one bfloat16 ulp, and so is its gradient. Ours accumulates in float32
     and rounds once, so there the two may differ by that ulp (2**-7 relative) instead.
     """
-    expected, actual = unpatched[case], patched[case]
+    expected, actual = unpatched["cases"][case], patched["cases"][case]
     if "unavailable" in expected:
         pytest.skip(expected["unavailable"])
     assert actual["kernel_calls"] >= 1, "the patched run never reached our kernel"
@@ -127,6 +127,12 @@ def cpu_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     return run_both(
         tmp_path_factory.mktemp("parity-cpu"), "cpu", "float32", {"TRITON_INTERPRET": "1"}
     )
+
+
+def test_the_reference_run_is_unpatched(cpu_results: tuple[dict, dict]) -> None:
+    patched, unpatched = cpu_results
+    assert unpatched["patched"] == []
+    assert "transformers.models.bert.modeling_bert.CrossEntropyLoss" in patched["patched"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
