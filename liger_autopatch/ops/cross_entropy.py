@@ -8,16 +8,19 @@ How the gradient is made (eager mode, reduced loss) is chosen per call site (the
 that calls :func:`cross_entropy`), from what the backwards of that site saw:
 
 * gradient in the forward (the usual case): the forward kernel writes
-  ``prediction * d loss / d logits`` as it goes, reading each row from DRAM once (the
-  second read of a row comes from L2), where ``prediction`` is the ``grad_output`` of the
-  site's last backward (1 at first). The backward checks on the device, with no sync,
-  that ``grad_output`` equals the prediction, and only if not rescales the gradient in
-  one more pass. A steady ``grad_output`` (1, or the 1/k of gradient accumulation, or a
-  loss scale) thus costs nothing.
-* gradient in the backward: when the site's last two ``grad_output`` differed, the
-  forward keeps one float per row (log-sum-exp) and the backward makes the gradient in
-  one read + one write, already multiplied by ``grad_output``. Per-row losses
-  (``reduction="none"``) always take this path.
+  ``prediction * d loss / d logits`` as it goes, each row read from DRAM once and re-read
+  (mostly) from L2, where ``prediction`` is the ``grad_output`` of the site's last
+  backward (1 at first), read on the device. The backward checks on the device, with no
+  sync, that ``grad_output`` equals the prediction, and only if not rescales the
+  gradient in one more pass. A steady ``grad_output`` (1, the 1/k of gradient
+  accumulation, a loss scale) thus costs nothing.
+* gradient in the backward: when the site's previous call found that ``grad_output``
+  had just changed, the forward keeps one float per row (log-sum-exp) and the backward
+  makes the gradient in one read + one write, already multiplied by ``grad_output``.
+  Per-row losses (``reduction="none"``) always take this path.
+
+The backward never syncs; the forward syncs once, on a small status copy queued before
+the loss kernel (bad targets, the site's state), so the GPU does not wait for the host.
 
 Either gradient goes into the logits buffer itself when nobody else can observe it (see
 :func:`_unobservable`), otherwise into a fresh buffer of the logits' dtype. Under
@@ -89,9 +92,12 @@ def cross_entropy(
 
     On the Triton path (see :func:`supports`) the loss is float32, accumulated in float32,
     and a target outside [0, V) that is not ``ignore_index`` raises ``ValueError`` naming
-    it (one device-to-host sync per forward; while a CUDA graph is being captured the sync
-    is skipped and such a row's loss is NaN instead). Elsewhere the result is exactly
-    torch's, dtype included.
+    it (one device-to-host sync per forward, none in the backward; while torch.compile
+    traces or a CUDA graph is captured nothing is read back and such a row's loss is NaN
+    instead). The gradient (in the logits' dtype) overwrites ``input`` only if nothing else
+    can observe it: passed as a temporary, not a view, not a leaf, no other reference.
+    Under torch.compile the call is the ``liger_autopatch::cross_entropy_rows`` custom
+    op. Elsewhere the result is exactly torch's, dtype included.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
