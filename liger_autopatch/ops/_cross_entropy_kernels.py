@@ -3,8 +3,8 @@
 Every kernel runs a persistent grid: program ``p`` handles rows ``p, p + P, p + 2P, ...``
 (P programs), so the grid size, not N, sets how many rows are in flight at once. That
 matters for the forward kernel that also writes the gradient: it reads each row twice
-(max/sum, then gradient), and the second read is served from L2 only while
-``P * row bytes`` fits there.
+(max/sum, then gradient), and the second read can come from L2 only while what the grid
+reads and writes in between fits there (on an H100 it partly does: bench/NOTES-ce.md).
 
 Logits are transformed in the kernel: ``x = logit_scale * z`` then
 ``x = softcap * tanh(x / softcap)``; the gradient is taken with respect to ``z``.
