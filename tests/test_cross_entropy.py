@@ -347,6 +347,14 @@ def test_gpu_bad_target_then_context_usable():
 
 
 @gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_logits_on_a_device_that_is_not_current():
+    logits, target = make_case(512, 32000, torch.bfloat16, device="cuda:1")
+    with torch.cuda.device(0):
+        check(logits, target, grad_outputs=(1.0, 0.5, 0.5))
+
+
+@gpu
 @needs_cuda
 def test_gpu_torch_compile_fullgraph():
     logits, target = make_case(512, 32000, torch.bfloat16, device="cuda")

@@ -30,6 +30,7 @@ Either gradient goes into the logits buffer itself when nobody else can observe 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import weakref
@@ -250,6 +251,12 @@ def _torch_cross_entropy(
 # Kernel launches
 
 
+def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current device's stream: make that ``t``'s device (the
+    logits of a model spread over GPUs need not be on the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _kernels() -> ModuleType:
     # Imported on first use: triton.jit reads TRITON_INTERPRET when the kernels are defined.
     from liger_autopatch.ops import _cross_entropy_kernels
@@ -325,21 +332,23 @@ def _check_targets(input: Tensor, target: Tensor, options: _Options, site: _Call
     n_rows, n_cols = input.shape
     status = torch.empty(3, dtype=torch.int64, device=input.device)
     prediction = torch.empty((), dtype=torch.float32, device=input.device) if site is not None else None
-    _kernels().check_targets_kernel[(1,)](
-        target, target.stride(0), status,
-        site.state(input.device) if site is not None else status,
-        prediction if prediction is not None else status,
-        n_rows, n_cols, options.ignore_index,
-        HAS_SITE=site is not None,
-        BLOCK=1024 if input.is_cuda else 64,
-        num_warps=4,
-    )  # fmt: skip
+    with _on_device_of(input):
+        _kernels().check_targets_kernel[(1,)](
+            target, target.stride(0), status,
+            site.state(input.device) if site is not None else status,
+            prediction if prediction is not None else status,
+            n_rows, n_cols, options.ignore_index,
+            HAS_SITE=site is not None,
+            BLOCK=1024 if input.is_cuda else 64,
+            num_warps=4,
+        )  # fmt: skip
     if not input.is_cuda or _no_host_reads(input):
         return _TargetCheck(status, prediction, None, None)
     host_status = torch.empty(3, dtype=torch.int64, pin_memory=True)
-    host_status.copy_(status, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
+    with _on_device_of(input):
+        host_status.copy_(status, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
     return _TargetCheck(status, prediction, host_status, copied)
 
 
@@ -389,24 +398,25 @@ def _forward(
     config = launch_config(n_cols, input.device)
     grad_buffer = grad if grad is not None else input
     grid = _grid(n_rows, input.device, config)
-    _kernels().cross_entropy_forward_kernel[grid](
-        input, input.stride(0), input.stride(1),
-        target, target.stride(0),
-        rows, lse if lse is not None else rows,
-        grad_buffer, grad_buffer.stride(0), grad_buffer.stride(1),
-        denominator if denominator is not None else rows,
-        prediction if prediction is not None else rows,
-        n_rows, N_COLS=n_cols, n_programs=grid[0],
-        **_transform_args(options),
-        HAS_SMOOTHING=options.label_smoothing != 0.0,
-        STORE_LSE=store_lse,
-        WRITE_GRAD=grad is not None,
-        HAS_DENOMINATOR=grad is not None and denominator is not None,
-        REVERSE=config.reverse,
-        BLOCK=config.block,
-        STAGES=config.stages,
-        num_warps=config.num_warps,
-    )  # fmt: skip
+    with _on_device_of(input):
+        _kernels().cross_entropy_forward_kernel[grid](
+            input, input.stride(0), input.stride(1),
+            target, target.stride(0),
+            rows, lse if lse is not None else rows,
+            grad_buffer, grad_buffer.stride(0), grad_buffer.stride(1),
+            denominator if denominator is not None else rows,
+            prediction if prediction is not None else rows,
+            n_rows, N_COLS=n_cols, n_programs=grid[0],
+            **_transform_args(options),
+            HAS_SMOOTHING=options.label_smoothing != 0.0,
+            STORE_LSE=store_lse,
+            WRITE_GRAD=grad is not None,
+            HAS_DENOMINATOR=grad is not None and denominator is not None,
+            REVERSE=config.reverse,
+            BLOCK=config.block,
+            STAGES=config.stages,
+            num_warps=config.num_warps,
+        )  # fmt: skip
     return rows, lse
 
 
@@ -428,22 +438,23 @@ def _backward(
     config = launch_config(n_cols, input.device)
     grad_output = grad_output.to(torch.float32)
     grid = _grid(n_rows, input.device, config)
-    _kernels().cross_entropy_backward_kernel[grid](
-        input, input.stride(0), input.stride(1),
-        target, target.stride(0),
-        lse,
-        grad_output, grad_output.stride(0) if grad_output.dim() else 0,
-        denominator if denominator is not None else lse,
-        grad, grad.stride(0), grad.stride(1),
-        site.state(input.device) if site is not None else lse,
-        n_rows, N_COLS=n_cols, n_programs=grid[0],
-        **_transform_args(options),
-        HAS_DENOMINATOR=denominator is not None,
-        HAS_SITE=site is not None,
-        BLOCK=config.block,
-        STAGES=config.stages,
-        num_warps=config.num_warps,
-    )  # fmt: skip
+    with _on_device_of(input):
+        _kernels().cross_entropy_backward_kernel[grid](
+            input, input.stride(0), input.stride(1),
+            target, target.stride(0),
+            lse,
+            grad_output, grad_output.stride(0) if grad_output.dim() else 0,
+            denominator if denominator is not None else lse,
+            grad, grad.stride(0), grad.stride(1),
+            site.state(input.device) if site is not None else lse,
+            n_rows, N_COLS=n_cols, n_programs=grid[0],
+            **_transform_args(options),
+            HAS_DENOMINATOR=denominator is not None,
+            HAS_SITE=site is not None,
+            BLOCK=config.block,
+            STAGES=config.stages,
+            num_warps=config.num_warps,
+        )  # fmt: skip
     return grad
 
 
@@ -451,14 +462,15 @@ def _correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, sit
     n_rows, n_cols = grad.shape
     config = launch_config(n_cols, grad.device)
     grid = _grid(n_rows, grad.device, config)
-    _kernels().correct_gradient_kernel[grid](
-        grad, grad.stride(0), grad.stride(1),
-        grad_output.to(torch.float32), prediction, site.state(grad.device),
-        n_rows, N_COLS=n_cols, n_programs=grid[0],
-        BLOCK=config.block,
-        STAGES=config.stages,
-        num_warps=config.num_warps,
-    )  # fmt: skip
+    with _on_device_of(grad):
+        _kernels().correct_gradient_kernel[grid](
+            grad, grad.stride(0), grad.stride(1),
+            grad_output.to(torch.float32), prediction, site.state(grad.device),
+            n_rows, N_COLS=n_cols, n_programs=grid[0],
+            BLOCK=config.block,
+            STAGES=config.stages,
+            num_warps=config.num_warps,
+        )  # fmt: skip
 
 
 def _fresh_gradient_buffer(input: Tensor) -> Tensor:
