@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
 
 from liger_autopatch import _bootstrap
+from liger_autopatch.targets import FAMILIES, OFF_BY_DEFAULT
 
 logger = logging.getLogger("liger_autopatch")
 logger.addHandler(logging.NullHandler())
@@ -112,17 +113,22 @@ def declare(target: str, family: str, detail: str) -> None:
     with _lock:
         if target in _records:
             return
-        if is_disabled(target, family):
-            _record(target, family, "disabled", "LIGER_DISABLE")
-        else:
-            _record(target, family, "pending", detail)
+        reason = disabled_reason(target, family)
+        _record(target, family, "disabled" if reason else "pending", reason or detail)
 
 
-def is_disabled(target: str, family: str) -> bool:
-    """Whether ``LIGER_DISABLE`` names this target, its family, or everything."""
-    names = _bootstrap.disabled_names()
+def disabled_reason(target: str, family: str) -> str | None:
+    """Why this target stays as transformers has it, or None where it may be patched.
+
+    ``LIGER_DISABLE`` naming everything, the family, the target or its short name; or a
+    family that is off unless ``LIGER_ENABLE`` names it.
+    """
     short_name = target.rsplit(".", 1)[-1].lower()
-    return bool(names & {"all", family.lower(), target.lower(), short_name})
+    if _bootstrap.disabled_names() & {"all", family.lower(), target.lower(), short_name}:
+        return "LIGER_DISABLE"
+    if family in OFF_BY_DEFAULT and family not in _bootstrap.enabled_names():
+        return f"off by default; LIGER_ENABLE={family} turns it on"
+    return None
 
 
 def apply_target(target: str, family: str, stage: Callable[[TargetPatch], None]) -> None:
@@ -133,8 +139,9 @@ def apply_target(target: str, family: str, stage: Callable[[TargetPatch], None])
     and is logged, never raised: the original stays in place either way.
     """
     with _lock:
-        if is_disabled(target, family):
-            _record(target, family, "disabled", "LIGER_DISABLE")
+        reason = disabled_reason(target, family)
+        if reason:
+            _record(target, family, "disabled", reason)
             return
         patch = TargetPatch()
         try:
@@ -189,8 +196,6 @@ def status() -> list[TargetStatus]:
     liger_autopatch; the original stays) and ``disabled`` (by ``LIGER_DISABLE`` or
     :func:`unpatch`). Failures of the bootstrap itself appear as target ``bootstrap``.
     """
-    from liger_autopatch.targets import FAMILIES
-
     for family in FAMILIES:
         for target in family.declared:
             declare(target, family.name, f"waiting for transformers to import {family.summary}")

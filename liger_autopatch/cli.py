@@ -125,6 +125,7 @@ def collect_status(probe: bool) -> dict[str, Any]:
     return {
         "enabled": finder and "all" not in disabled,
         "disabled": disabled,
+        "opted_in": sorted(_bootstrap.enabled_names()),
         "bootstrap": {
             "ran": _bootstrap.booted,
             "finder_installed": finder,
@@ -156,6 +157,7 @@ def _print_report(report: dict[str, Any]) -> None:
         print("    error:", error)
     disabled = report["disabled"]
     print("  LIGER_DISABLE:", ", ".join(disabled) if disabled else "(not set)")
+    print("  LIGER_ENABLE:", ", ".join(report["opted_in"]) or "(not set)")
     print()
     rows = report["targets"]
     width = max([len(row["target"]) for row in rows] + [6])
