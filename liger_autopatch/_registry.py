@@ -10,6 +10,7 @@ when torch, triton or wrapt cannot be imported.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable, MutableMapping
 from dataclasses import asdict, dataclass
@@ -172,17 +173,27 @@ def unpatch() -> None:
     """Put every original back where the current value is still ours; stop patching.
 
     Removes the import finder, so nothing is patched again until :func:`install`.
-    A value that somebody else replaced after us is left alone.
+    A value that somebody else replaced after us is left alone. transformers modules
+    that imported a replacement by name after we patched (``from .loss.loss_utils import
+    ForCausalLMLoss`` in ``transformers.trainer``) get the original back too, so identity
+    checks against ``LOSS_MAPPING`` keep holding.
     """
     with _lock:
         finder = _bootstrap.installed_finder()
         while finder is not None:
-            _bootstrap.sys.meta_path.remove(finder)
+            sys.meta_path.remove(finder)
             finder = _bootstrap.installed_finder()
+        originals = {id(change.replacement): change.original for change in _applied}
         for change in reversed(_applied):
             if change.current() is change.replacement:
                 change.write(change.original)
         _applied.clear()
+        for name, module in list(sys.modules.items()):
+            if name.startswith("transformers.") and module is not None:
+                namespace = vars(module)
+                for attr, value in list(namespace.items()):
+                    if id(value) in originals and is_ours(value):
+                        namespace[attr] = originals[id(value)]
         for target, row in list(_records.items()):
             if row.state == "patched":
                 _record(target, row.family, "disabled", "unpatch() restored the original")

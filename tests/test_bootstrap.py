@@ -272,3 +272,15 @@ def test_status_cli_says_when_the_bootstrap_did_not_run(tmp_path):
     )
     assert result.returncode == 1
     assert "did not run" in result.stderr
+
+
+def test_unpatch_restores_names_other_modules_imported_after_patching():
+    code = """
+    import json
+    import transformers.loss.loss_utils as lu
+    import transformers.trainer as trainer  # binds ForCausalLMLoss by name, after we patched
+    import liger_autopatch
+    liger_autopatch.unpatch()
+    print(json.dumps(trainer.ForCausalLMLoss is lu.ForCausalLMLoss is lu.LOSS_MAPPING["ForCausalLM"]))
+    """
+    assert run_python(code) is True
