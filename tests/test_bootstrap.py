@@ -284,3 +284,22 @@ def test_unpatch_restores_names_other_modules_imported_after_patching():
     print(json.dumps(trainer.ForCausalLMLoss is lu.ForCausalLMLoss is lu.LOSS_MAPPING["ForCausalLM"]))
     """
     assert run_python(code) is True
+
+
+@pytest.mark.parametrize("build", ["build_wheel", "build_editable"])
+def test_wheels_carry_the_startup_files_so_uninstall_removes_them(build, tmp_path):
+    # pip installs and uninstalls exactly the files a wheel's RECORD lists: the start-up
+    # files must be there, at the root of site-packages, for `pip install .` and `-e .`.
+    hatchling_build = pytest.importorskip("hatchling.build")
+    import os
+    import zipfile
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        wheel = tmp_path / getattr(hatchling_build, build)(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    record = next(name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".dist-info/RECORD"))
+    listed = {line.split(",")[0] for line in zipfile.ZipFile(wheel).read(record).decode().splitlines()}
+    assert {"liger_autopatch.pth", "liger_autopatch.start"} <= listed
