@@ -18,7 +18,9 @@ The model keeps running its own forward. Three pieces route the loss around the 
   :class:`DeferredLogits` to :func:`fused_causal_lm_loss`, which runs
   :func:`~liger_autopatch.ops.fused_linear_cross_entropy.fused_linear_cross_entropy` on the
   hidden states and the weight, or declines (then the logits are materialized and the
-  ordinary path runs: never a different loss).
+  ordinary path runs: never a different loss). Models that call ``CrossEntropyLoss()``
+  on ``logits.view(-1, V)`` themselves reach :func:`fused_cross_entropy_loss` through our
+  ``CrossEntropyLoss`` global (:mod:`~liger_autopatch.targets.model_modules`).
 
 What falls back, and why, is counted per target in :func:`routing`; errors inside this
 code are recorded as ``failed`` in ``status`` and the ordinary path runs.
@@ -127,7 +129,7 @@ class _Step:
 
     func: Callable[..., Any]
     args: tuple[Any, ...]
-    kind: str  # "scale" (multiply by factor), "tanh" or "upcast" (to float32)
+    kind: str  # "scale" (multiply by factor), "tanh", "upcast" (to float32), "rows" (view as (N, V)), "same"
     factor: float = 1.0
 
     def replay(self, logits: Tensor) -> Tensor:
@@ -141,6 +143,7 @@ def _is_number(value: Any) -> bool:
 _MULTIPLY = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul, torch.mul}
 _DIVIDE = {torch.Tensor.__truediv__, torch.Tensor.div, torch.div, torch.true_divide}
 _TANH = {torch.tanh, torch.Tensor.tanh}
+_VIEW = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
 # Answered from the wrapper's own metadata, without computing anything.
 _METADATA = {
     *(
@@ -177,6 +180,13 @@ def _recordable(func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[De
     )
     if is_upcast and isinstance(args[0], DeferredLogits):
         return args[0], _Step(func, (_SELF, *args[1:]), "upcast")
+    if func is torch.Tensor.contiguous and len(args) == 1 and isinstance(args[0], DeferredLogits):
+        return args[0], _Step(func, (_SELF,), "same")
+    if func in _VIEW and isinstance(args[0], DeferredLogits):
+        # logits.view(-1, V), as the models that call CrossEntropyLoss themselves do.
+        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        if tuple(shape) == (-1, args[0].shape[-1]):
+            return args[0], _Step(func, (_SELF, *args[1:]), "rows")
     return None
 
 
@@ -191,21 +201,26 @@ class DeferredLogits(torch.Tensor):
 
     _source: _LinearSource
     _steps: tuple[_Step, ...]
+    _rows_only: bool  # viewed as (N, V)
     _materialized: Tensor | None
 
     @staticmethod
-    def __new__(cls, source: _LinearSource, steps: tuple[_Step, ...], dtype: torch.dtype) -> DeferredLogits:
+    def __new__(
+        cls, source: _LinearSource, steps: tuple[_Step, ...], dtype: torch.dtype, rows_only: bool = False
+    ) -> DeferredLogits:
         hidden, weight = source.hidden, source.weight
         requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in source.tensors())
+        n_vocab = weight.shape[0]
         self = torch.Tensor._make_wrapper_subclass(
             cls,
-            (*hidden.shape[:-1], weight.shape[0]),
+            (hidden.numel() // hidden.shape[-1], n_vocab) if rows_only else (*hidden.shape[:-1], n_vocab),
             dtype=dtype,
             device=hidden.device,
             requires_grad=requires_grad,
         )
         self._source = source
         self._steps = steps
+        self._rows_only = rows_only
         self._materialized = None
         return self
 
@@ -250,7 +265,8 @@ class DeferredLogits(torch.Tensor):
         if self._materialized is not None:
             return step.replay(self._materialized)
         dtype = torch.float32 if step.kind == "upcast" else self.dtype
-        return DeferredLogits(self._source, (*self._steps, step), dtype)
+        rows_only = self._rows_only or step.kind == "rows"
+        return DeferredLogits(self._source, (*self._steps, step), dtype, rows_only)
 
     def _materialize_for(self, func: Callable[..., Any]) -> Tensor:
         source = self._source
@@ -329,60 +345,92 @@ def fused_causal_lm_loss(
     None where the fused op cannot reproduce it (then the caller materializes the logits
     and runs the ordinary path); the reason is counted in :func:`routing`.
     """
-    source = logits._source
-    if logits._materialized is not None:
-        return None  # already computed, and counted when it was
-    try:
-        reason, loss = _fused_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels)
-    except Exception as exc:
-        record_failure(source.target, FAMILY, exc)
-        reason, loss = f"failed: {type(exc).__name__}: {exc}", None
-    if loss is None:
-        _count(source.target, fused=False, reason=reason)
-        return None
-    source.loss_fused = True
-    _count(source.target, fused=True)
-    return loss
+
+    def targets() -> Tensor | str:
+        if vocab_size != logits._source.weight.shape[0]:
+            return f"vocab_size {vocab_size} is not lm_head's {logits._source.weight.shape[0]} outputs"
+        if shift_labels is not None:
+            return shift_labels
+        if labels is None:
+            return "no labels"
+        # As the original: the last position of each row predicts nothing.
+        return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+    return _fused_loss(logits, targets, ignore_index, "mean", num_items_in_batch)
+
+
+def fused_cross_entropy_loss(
+    logits: DeferredLogits, target: Tensor, *, ignore_index: int, reduction: str, label_smoothing: float
+) -> Tensor | None:
+    """``CrossEntropyLoss()(logits.view(-1, V), target)`` (no shift) from lm_head's input
+    and weight, for the models that call the loss module themselves; None as above."""
+
+    def targets() -> Tensor | str:
+        if not logits._rows_only:
+            return "CrossEntropyLoss on logits not viewed as (N, V)"
+        if reduction not in ("mean", "sum") or label_smoothing != 0.0:
+            return f"CrossEntropyLoss(reduction={reduction!r}, label_smoothing={label_smoothing})"
+        return target
+
+    return _fused_loss(logits, targets, ignore_index, reduction, None)
 
 
 def _fused_loss(
     logits: DeferredLogits,
-    labels: Tensor | None,
-    vocab_size: int,
-    num_items_in_batch: int | Tensor | None,
+    targets: Callable[[], Tensor | str],
     ignore_index: int,
-    shift_labels: Tensor | None,
-) -> tuple[str, Tensor | None]:
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+) -> Tensor | None:
+    """The fused loss, or None with the reason counted. ``targets()`` gives the per-row
+    targets or the reason the loss cannot be fused."""
+    source = logits._source
+    if logits._materialized is not None:
+        return None  # already computed, and counted when it was
+    try:
+        loss_or_reason = _fused_or_reason(logits, targets, ignore_index, reduction, num_items_in_batch)
+    except Exception as exc:
+        record_failure(source.target, FAMILY, exc)
+        loss_or_reason = f"failed: {type(exc).__name__}: {exc}"
+    if isinstance(loss_or_reason, str):
+        _count(source.target, fused=False, reason=loss_or_reason)
+        return None
+    source.loss_fused = True
+    _count(source.target, fused=True)
+    return loss_or_reason
+
+
+def _fused_or_reason(
+    logits: DeferredLogits,
+    targets: Callable[[], Tensor | str],
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+) -> Tensor | str:
     source = logits._source
     transforms = logits.fused_transforms()
     if isinstance(transforms, str):
-        return transforms, None
+        return transforms
     logit_scale, softcap = transforms
-    n_vocab, n_hidden = source.weight.shape
-    if vocab_size != n_vocab:
-        return f"vocab_size {vocab_size} is not lm_head's {n_vocab} outputs", None
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, Tensor)):
-        return f"num_items_in_batch is a {type(num_items_in_batch).__name__}", None
-    if shift_labels is None:
-        if labels is None:
-            return "no labels", None
-        # As the original: the last position of each row predicts nothing.
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    hidden = source.hidden.reshape(-1, n_hidden)
-    if shift_labels.numel() != hidden.shape[0]:
-        return f"{shift_labels.numel()} labels for {hidden.shape[0]} rows of logits", None
-    target = shift_labels.reshape(-1).to(hidden.device)
-    loss = fused_linear_cross_entropy(
+        return f"num_items_in_batch is a {type(num_items_in_batch).__name__}"
+    target = targets()
+    if isinstance(target, str):
+        return target
+    hidden = source.hidden.reshape(-1, source.hidden.shape[-1])
+    if target.numel() != hidden.shape[0]:
+        return f"{target.numel()} labels for {hidden.shape[0]} rows of logits"
+    return fused_linear_cross_entropy(
         hidden,
         source.weight,
-        target,
+        target.reshape(-1).to(hidden.device),
         bias=source.bias,
         ignore_index=ignore_index,
+        reduction=reduction,
         num_items_in_batch=num_items_in_batch,
         softcap=softcap,
         logit_scale=logit_scale,
     )
-    return "", loss
 
 
 # ---------------------------------------------------------------------------------------
