@@ -414,3 +414,20 @@ def test_liger_disable_flce_turns_off_only_this_feature() -> None:
         env={"LIGER_DISABLE": "flce", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
     )
     assert result == {"logits": "Tensor", "flce": "disabled", "loss": "patched"}
+
+
+def test_routing_under_autocast_computes_in_autocast_dtype() -> None:
+    """fp32 weights under bf16 autocast (the Trainer's bf16=True): the fused path computes
+    the logits in bf16 as autocast does; bf16 tolerance, as the parity tests use."""
+    model = _model("llama")
+    input_ids, labels = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_out, fused_grads = _loss_and_grads(model, type(model).__call__, input_ids=input_ids, labels=labels)
+        original_out, original_grads = _loss_and_grads(
+            model, original_of(type(model).forward), input_ids=input_ids, labels=labels
+        )
+    assert isinstance(fused_out.logits, DeferredLogits) and fused_out.logits.dtype == torch.bfloat16
+    _close(fused_out.loss.detach(), original_out.loss.detach(), "loss", rtol=2e-3)
+    scale = max(g.abs().max() for g in original_grads.values())
+    for name, grad in fused_grads.items():
+        _close(grad / scale, original_grads[name] / scale, f"grad of {name}", rtol=2e-2)

@@ -50,6 +50,7 @@ from liger_autopatch._registry import (
     record_failure,
 )
 from liger_autopatch.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from liger_autopatch.targets._dispatch import is_liger_kernel
 
 FAMILY = "flce"
 
@@ -468,7 +469,10 @@ _replacements: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
 def _stage(cls: type, patch: TargetPatch) -> None:
-    original = original_of(vars(cls)["forward"])
+    current = vars(cls)["forward"]
+    if is_liger_kernel(current):
+        patch.skip(f"liger-kernel replaced it ({current.__module__}); left to liger-kernel")
+    original = original_of(current)
     replacement = _replacements.get(original)
     if replacement is None:
         replacement = _replacements[original] = _wrap_forward(original, f"flce.{cls.__name__}")
