@@ -117,6 +117,14 @@ def test_op_backward_scales_by_grad_output() -> None:
     _close(weight.grad, 2.5 * grad_weight, "grad of weight")
 
 
+def test_op_second_backward_raises_clearly() -> None:
+    hidden, weight, _, target = _inputs()
+    loss = fused_linear_cross_entropy(hidden, weight, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
 def test_op_all_ignored() -> None:
     hidden, weight, _, target = _inputs()
     target.fill_(-100)

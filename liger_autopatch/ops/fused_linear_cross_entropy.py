@@ -195,7 +195,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple:  # type: ignore[override]
-        grads = ctx.grads
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError(
+                "fused_linear_cross_entropy: a second backward through the same loss is not "
+                "supported (the gradients were made in the forward and handed out once); "
+                "set LIGER_DISABLE=flce for models that need it"
+            )
         del ctx.grads
         # Scaled in place: these buffers are ours alone. Multiplying by 1 is exact.
         scaled = tuple(g.mul_(grad_output) if g is not None else None for g in grads)
