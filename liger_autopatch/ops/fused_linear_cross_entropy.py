@@ -180,10 +180,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
             if grad_weight is not None:
-                if grad_weight.dtype == grad_logits.dtype:
-                    grad_weight.addmm_(grad_logits.t(), hidden_chunk)
-                else:
-                    grad_weight.addmm_(grad_logits.t().float(), hidden_chunk.float())
+                _accumulate(grad_weight, grad_logits.t(), hidden_chunk)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=torch.float32)
         ctx.grads = (
@@ -206,6 +203,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # Scaled in place: these buffers are ours alone. Multiplying by 1 is exact.
         scaled = tuple(g.mul_(grad_output) if g is not None else None for g in grads)
         return (*scaled, None, None, None)
+
+
+def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
+    """``total += a @ b``, with ``total`` float32 while ``a`` and ``b`` may be 16-bit."""
+    if total.dtype == a.dtype:
+        total.addmm_(a, b)
+    elif total.is_cuda:
+        # cuBLAS: 16-bit inputs, float32 accumulation into the float32 total, no copies.
+        torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+    else:  # CPU has no mixed-dtype addmm
+        total.addmm_(a.to(total.dtype), b.to(total.dtype))
 
 
 def _torch_reference(
