@@ -505,22 +505,22 @@ def _defer_lm_head(model: torch.nn.Module, target: str) -> torch.utils.hooks.Rem
     """Register the pre-hook that defers lm_head's output for one call; None where this
     model cannot take the fused path (the reason is counted)."""
     try:
-        reason = _cannot_defer(model)
+        lm_head = model.get_output_embeddings()
+        reason = _cannot_defer(model, lm_head)
         if reason:
             _count(target, fused=False, reason=reason)
             return None
-        lm_head = model.get_output_embeddings()
         return lm_head.register_forward_pre_hook(functools.partial(_defer_input, target))
     except Exception as exc:
         record_failure(target, FAMILY, exc)
         return None
 
 
-def _cannot_defer(model: torch.nn.Module) -> str:
+def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
+    """Why this model's loss cannot take the fused path ("" if it can)."""
     loss_function = getattr(model, "loss_function", None)
     if not (is_ours(loss_function) and original_of(loss_function).__name__ == "ForCausalLMLoss"):
         return f"its loss is {getattr(original_of(loss_function), '__name__', loss_function)!r}, not our ForCausalLMLoss"
-    lm_head = model.get_output_embeddings()
     if type(lm_head) is not torch.nn.Linear:
         return f"lm_head is {type(lm_head).__name__}, not torch.nn.Linear (adapted, quantized or sharded)"
     weight = lm_head.weight
