@@ -52,7 +52,7 @@ SHRINK = {
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "n_shared_experts": 1,
-    "vocab_size": VOCAB, "decoder_vocab_size": VOCAB, "image_size": 32, "patch_size": 8, "num_channels": 3,
+    "vocab_size": VOCAB, "decoder_vocab_size": VOCAB, "unpadded_vocab_size": VOCAB, "image_size": 32, "patch_size": 8, "num_channels": 3,
 }  # fmt: skip
 
 
@@ -105,14 +105,20 @@ def _check_one(model_type: str, class_name: str) -> dict[str, Any]:
         return {"state": "not_built", "detail": f"build: {type(exc).__name__}: {exc}"[:300]}
     cls = type(model)
     target = f"flce.{cls.__name__}"
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else VOCAB
+    vocab = (
+        model.get_output_embeddings().weight.shape[0]
+        if model.get_output_embeddings() is not None
+        else VOCAB
+    )
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(3, min(vocab, VOCAB) - 16, (2, 16), generator=generator)
     labels = input_ids.clone()
     labels[0, :4] = -100
 
     # Training-style calls: no cache (hybrid models' caches fail with few layers otherwise).
-    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(cls.forward).parameters else {}
+    no_cache = (
+        {"use_cache": False} if "use_cache" in inspect.signature(cls.forward).parameters else {}
+    )
 
     def run(forward: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
@@ -140,7 +146,10 @@ def _check_one(model_type: str, class_name: str) -> dict[str, Any]:
     if after.fell_back > before.fell_back:
         return {"state": "fell_back", "detail": after.last_reason}
     if not getattr(cls.forward, "__liger_autopatch_original__", None):
-        return {"state": "fell_back", "detail": "forward not wrapped (no labels parameter, or not a GenerationMixin)"}
+        return {
+            "state": "fell_back",
+            "detail": "forward not wrapped (no labels parameter, or not a GenerationMixin)",
+        }
     return {"state": "fell_back", "detail": "lm_head was never called with the loss pending"}
 
 
@@ -159,8 +168,8 @@ def _compare(loss: Any, grads: dict, expected_loss: Any, expected_grads: dict) -
     return ""
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Not an Exception: the code under test must not catch it and carry on."""
 
 
 def _worker(architectures: list[tuple[str, str]]) -> dict[str, Any]:
@@ -190,7 +199,11 @@ def _worker(architectures: list[tuple[str, str]]) -> dict[str, Any]:
             signal.alarm(0)
         result.update(class_name=class_name, seconds=round(time.perf_counter() - started, 2))
         results[model_type] = result
-        print(f"{model_type:32s} {result['state']:10s} {result['detail'][:110]}", file=sys.stderr, flush=True)
+        print(
+            f"{model_type:32s} {result['state']:10s} {result['detail'][:110]}",
+            file=sys.stderr,
+            flush=True,
+        )
     return results
 
 
@@ -246,7 +259,9 @@ def main() -> None:
     report = {
         "transformers": transformers.__version__,
         "torch": torch.__version__,
-        "cross_entropy": "triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "torch (no CUDA)",
+        "cross_entropy": "triton interpreter"
+        if os.environ.get("TRITON_INTERPRET") == "1"
+        else "torch (no CUDA)",
         "seconds": round(time.perf_counter() - started, 1),
         "summary": summary,
         "fell_back": {k: v["detail"] for k, v in results.items() if v["state"] == "fell_back"},

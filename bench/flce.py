@@ -71,7 +71,9 @@ def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: i
     """Hidden (N, H) and weight (V, H) requiring grad, targets with 10% ignored."""
     generator = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(n, h, device=device, generator=generator).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, device=device, generator=generator) * h**-0.5).to(dtype).requires_grad_()
+    weight = (
+        (torch.randn(v, h, device=device, generator=generator) * h**-0.5).to(dtype).requires_grad_()
+    )
     target = torch.randint(0, v, (n,), device=device, generator=generator)
     ignored = torch.rand(n, device=device, generator=generator) < IGNORED_FRACTION
     return hidden, weight, target.masked_fill(ignored, -100)
@@ -102,7 +104,9 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
-def peak_extra_bytes(fn: Callable[[], None], hidden: torch.Tensor, weight: torch.Tensor) -> int | None:
+def peak_extra_bytes(
+    fn: Callable[[], None], hidden: torch.Tensor, weight: torch.Tensor
+) -> int | None:
     """Peak bytes allocated by one forward + backward beyond what existed before it."""
     if not hidden.is_cuda:
         return None
@@ -117,16 +121,27 @@ def peak_extra_bytes(fn: Callable[[], None], hidden: torch.Tensor, weight: torch
 
 
 def errors_against_float64(
-    loss_fn: LossFunction, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, exact: dict
+    loss_fn: LossFunction,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    exact: dict,
 ) -> dict[str, float]:
     """Relative 2-norm errors of loss, grad of hidden and grad of weight."""
-    hidden, weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    hidden, weight = (
+        hidden.detach().clone().requires_grad_(),
+        weight.detach().clone().requires_grad_(),
+    )
     loss = loss_fn(hidden, weight, target)
     loss.backward()
     return {
         "loss": abs(loss.item() - exact["loss"].item()) / abs(exact["loss"].item()),
-        "grad_hidden": ((hidden.grad.double() - exact["hidden"]).norm() / exact["hidden"].norm()).item(),
-        "grad_weight": ((weight.grad.double() - exact["weight"]).norm() / exact["weight"].norm()).item(),
+        "grad_hidden": (
+            (hidden.grad.double() - exact["hidden"]).norm() / exact["hidden"].norm()
+        ).item(),
+        "grad_weight": (
+            (weight.grad.double() - exact["weight"]).norm() / exact["weight"].norm()
+        ).item(),
     }
 
 
@@ -139,13 +154,20 @@ def float64_reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
 
 
 def run_shape(
-    shape: tuple[int, int, int], available: dict[str, LossFunction], device: str, dtype: torch.dtype,
-    tflops: float, numerics_rows: int,
+    shape: tuple[int, int, int],
+    available: dict[str, LossFunction],
+    device: str,
+    dtype: torch.dtype,
+    tflops: float,
+    numerics_rows: int,
 ) -> dict[str, Any]:
     n, h, v = shape
     hidden, weight, target = make_inputs(n, h, v, dtype, device)
     row: dict[str, Any] = {
-        "N": n, "H": h, "V": v, "dtype": str(dtype).removeprefix("torch."),
+        "N": n,
+        "H": h,
+        "V": v,
+        "dtype": str(dtype).removeprefix("torch."),
         "floor_ms": 6 * n * h * v / (tflops * 1e12) * 1e3,
         "grad_bytes": (hidden.numel() + weight.numel()) * hidden.element_size(),
         "results": {},
@@ -154,11 +176,16 @@ def run_shape(
     exact = float64_reference(hidden[rows], weight, target[rows])
     row["numerics_rows"] = rows.stop
     row["unfused_bf16_error"] = errors_against_float64(
-        lambda a, b, t: F.cross_entropy(F.linear(a, b).float(), t), hidden[rows], weight, target[rows], exact
+        lambda a, b, t: F.cross_entropy(F.linear(a, b).float(), t),
+        hidden[rows],
+        weight,
+        target[rows],
+        exact,
     )
     del exact["hidden"]
     for name, loss_fn in available.items():
-        def step() -> None:
+
+        def step(loss_fn: LossFunction = loss_fn) -> None:
             loss_fn(hidden, weight, target).backward()
 
         try:
@@ -168,7 +195,9 @@ def run_shape(
                 "peak_extra_bytes": peak_extra_bytes(step, hidden, weight),
             }
             exact_rows = float64_reference(hidden[rows], weight, target[rows])
-            result["error"] = errors_against_float64(loss_fn, hidden[rows], weight, target[rows], exact_rows)
+            result["error"] = errors_against_float64(
+                loss_fn, hidden[rows], weight, target[rows], exact_rows
+            )
             del exact_rows
             result["vs_floor"] = result["ms"] / row["floor_ms"]
         except Exception as exc:  # one implementation failing must not lose the others

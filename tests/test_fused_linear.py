@@ -9,7 +9,6 @@ size is made small so that every case spans several chunks.
 
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit defines the kernels
@@ -51,26 +50,45 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float 
         return
     scale = expected[~nan].double().abs().max().item()
     difference = (actual[~nan].double() - expected[~nan].double()).abs().max().item()
-    assert difference <= rtol * max(scale, 1e-30), f"{what}: off by {difference:.3g} (scale {scale:.3g})"
+    assert difference <= rtol * max(scale, 1e-30), (
+        f"{what}: off by {difference:.3g} (scale {scale:.3g})"
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # The op
 
 
-def _inputs(n_rows: int = 70, dtype: torch.dtype = torch.float32, bias: bool = False, seed: int = 0):
+def _inputs(
+    n_rows: int = 70, dtype: torch.dtype = torch.float32, bias: bool = False, seed: int = 0
+):
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n_rows, HIDDEN, generator=generator).to(dtype).requires_grad_()
-    weight = (torch.randn(VOCAB, HIDDEN, generator=generator) / HIDDEN**0.5).to(dtype).requires_grad_()
+    weight = (
+        (torch.randn(VOCAB, HIDDEN, generator=generator) / HIDDEN**0.5).to(dtype).requires_grad_()
+    )
     bias_ = torch.randn(VOCAB, generator=generator).to(dtype).requires_grad_() if bias else None
     target = torch.randint(0, VOCAB, (n_rows,), generator=generator)
     target[::7] = -100
     return hidden, weight, bias_, target
 
 
-def _reference(hidden, weight, bias, target, *, num_items_in_batch=None, reduction="mean", softcap=None, logit_scale=None):
+def _reference(
+    hidden,
+    weight,
+    bias,
+    target,
+    *,
+    num_items_in_batch=None,
+    reduction="mean",
+    softcap=None,
+    logit_scale=None,
+):
     """Loss and gradients in float64 with plain torch ops."""
-    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    leaves = [
+        t.detach().double().requires_grad_()
+        for t in (hidden, weight) + ((bias,) if bias is not None else ())
+    ]
     logits = F.linear(*leaves)
     if logit_scale is not None:
         logits = logits * logit_scale
@@ -105,7 +123,9 @@ def test_op_matches_float64_reference(case: str, bias: bool) -> None:
     loss.backward()
     expected_loss, expected_grads = _reference(hidden, weight, bias_, target, **options)
     _close(loss.detach(), expected_loss, "loss")
-    for name, leaf, expected in zip(("hidden", "weight", "bias"), (hidden, weight, bias_), expected_grads):
+    for name, leaf, expected in zip(
+        ("hidden", "weight", "bias"), (hidden, weight, bias_), expected_grads
+    ):
         _close(leaf.grad, expected, f"grad of {name}")
 
 
@@ -145,7 +165,11 @@ def test_op_does_no_gradient_work_without_grad(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(flce_op._FusedLinearCrossEntropy, "apply", no_gradient_work)
     with torch.no_grad():
         _close(fused_linear_cross_entropy(hidden, weight, target), expected, "loss under no_grad")
-    _close(fused_linear_cross_entropy(hidden.detach(), weight.detach(), target), expected, "loss of constants")
+    _close(
+        fused_linear_cross_entropy(hidden.detach(), weight.detach(), target),
+        expected,
+        "loss of constants",
+    )
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -199,10 +223,14 @@ def test_op_bfloat16_gradients_are_as_precise_as_unfused() -> None:
     hidden.grad = weight.grad = None
     cross_entropy(F.linear(hidden, weight), target).backward()
     unfused = (hidden.grad.double(), weight.grad.double())
-    for what, exact, ours, theirs in zip(("hidden", "weight"), (exact_hidden, exact_weight), fused, unfused):
+    for what, exact, ours, theirs in zip(
+        ("hidden", "weight"), (exact_hidden, exact_weight), fused, unfused
+    ):
         our_error = (ours - exact).norm() / exact.norm()
         their_error = (theirs - exact).norm() / exact.norm()
-        assert our_error <= 1.05 * their_error, f"grad of {what}: {our_error:.3g} vs unfused {their_error:.3g}"
+        assert our_error <= 1.05 * their_error, (
+            f"grad of {what}: {our_error:.3g} vs unfused {their_error:.3g}"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,12 +251,20 @@ def _config(name: str, **extra):
     )
     configs = {
         "llama": ("LlamaConfig", {}),
-        "gemma2": ("Gemma2Config", {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 3.0}),
+        "gemma2": (
+            "Gemma2Config",
+            {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 3.0},
+        ),
         "cohere": ("CohereConfig", {"logit_scale": 0.37}),
         "granite": ("GraniteConfig", {"logits_scaling": 4.0}),
         "mixtral": (
             "MixtralConfig",
-            {"num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True, "router_aux_loss_coef": 0.1},
+            {
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "output_router_logits": True,
+                "router_aux_loss_coef": 0.1,
+            },
         ),
         "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     }
@@ -275,7 +311,9 @@ def _assert_routed_like_original(model: torch.nn.Module, **inputs) -> tuple:
     fused_out, fused_grads = _loss_and_grads(model, type(model).__call__, **inputs)
     assert isinstance(fused_out.logits, DeferredLogits)
     assert fused_linear.routing()[target].fused == before + 1, fused_linear.routing()[target]
-    original_out, original_grads = _loss_and_grads(model, original_of(type(model).forward), **inputs)
+    original_out, original_grads = _loss_and_grads(
+        model, original_of(type(model).forward), **inputs
+    )
     assert not isinstance(original_out.logits, DeferredLogits)
     _close(fused_out.loss.detach(), original_out.loss.detach(), "loss")
     assert fused_grads.keys() == original_grads.keys()
@@ -285,11 +323,17 @@ def _assert_routed_like_original(model: torch.nn.Module, **inputs) -> tuple:
     return fused_out, original_out
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "cohere", "granite", "mixtral", "qwen2", "opt", "bart"])
+@pytest.mark.parametrize(
+    "name", ["llama", "gemma2", "cohere", "granite", "mixtral", "qwen2", "opt", "bart"]
+)
 def test_routing_matches_original_forward(name: str) -> None:
     input_ids, labels = _batch()
-    fused_out, original_out = _assert_routed_like_original(_model(name), input_ids=input_ids, labels=labels)
-    _close(fused_out.logits.detach(), original_out.logits.detach(), "logits read after the fused loss")
+    fused_out, original_out = _assert_routed_like_original(
+        _model(name), input_ids=input_ids, labels=labels
+    )
+    _close(
+        fused_out.logits.detach(), original_out.logits.detach(), "logits read after the fused loss"
+    )
     if name == "mixtral":
         assert fused_out.aux_loss is not None and fused_out.aux_loss.item() > 0
 
@@ -313,8 +357,12 @@ def test_routing_shift_labels_and_num_items_in_batch() -> None:
     shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
     model = _model("gemma2")
     shift_labels[1, -10:] = -100  # differs from the labels: the loss must follow shift_labels
-    _assert_routed_like_original(model, input_ids=input_ids, labels=labels, shift_labels=shift_labels)
-    _assert_routed_like_original(model, input_ids=input_ids, labels=labels, num_items_in_batch=torch.tensor(150))
+    _assert_routed_like_original(
+        model, input_ids=input_ids, labels=labels, shift_labels=shift_labels
+    )
+    _assert_routed_like_original(
+        model, input_ids=input_ids, labels=labels, num_items_in_batch=torch.tensor(150)
+    )
 
 
 def test_routing_under_no_grad_does_no_gradient_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -345,7 +393,9 @@ def test_unmodelled_use_of_the_logits_falls_back_with_the_same_loss() -> None:
     input_ids, labels = _batch()
     target = "flce.LlamaForCausalLM"
     fell_back = fused_linear.routing().get(target, fused_linear.RoutingRecord()).fell_back
-    fused_out, fused_grads = _loss_and_grads(model, type(model).__call__, input_ids=input_ids, labels=labels)
+    fused_out, fused_grads = _loss_and_grads(
+        model, type(model).__call__, input_ids=input_ids, labels=labels
+    )
     record = fused_linear.routing()[target]
     assert record.fell_back == fell_back + 1 and "(add)" in record.last_reason, record
     original_out, original_grads = _loss_and_grads(
@@ -382,7 +432,9 @@ def test_parity_with_unpatched_transformers_in_a_subprocess(tmp_path) -> None:
     """Loss and lm_head gradient equal a LIGER_DISABLE=1 interpreter's, gemma2 (softcap)."""
     model = _model("gemma2")
     input_ids, labels = _batch()
-    torch.save({"state": model.state_dict(), "input_ids": input_ids, "labels": labels}, tmp_path / "in.pt")
+    torch.save(
+        {"state": model.state_dict(), "input_ids": input_ids, "labels": labels}, tmp_path / "in.pt"
+    )
     outputs = model(input_ids=input_ids, labels=labels)
     outputs.loss.backward()
     expected = run_python(
@@ -397,7 +449,10 @@ def test_parity_with_unpatched_transformers_in_a_subprocess(tmp_path) -> None:
         torch.save(model.lm_head.weight.grad, {str(tmp_path / "grad.pt")!r})
         print(json.dumps({{"loss": outputs.loss.item(), "deferred": type(outputs.logits).__name__}}))
         """,
-        env={"LIGER_DISABLE": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+        env={
+            "LIGER_DISABLE": "1",
+            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        },
     )
     assert expected["deferred"] == "Tensor"
     _close(outputs.loss.detach(), torch.tensor(expected["loss"], dtype=torch.float64), "loss")
@@ -419,7 +474,10 @@ def test_liger_disable_flce_turns_off_only_this_feature() -> None:
                           "flce": states.get("flce.LlamaForCausalLM"),
                           "loss": states.get("loss_utils.ForCausalLMLoss")}))
         """,
-        env={"LIGER_DISABLE": "flce", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+        env={
+            "LIGER_DISABLE": "flce",
+            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        },
     )
     assert result == {"logits": "Tensor", "flce": "disabled", "loss": "patched"}
 
@@ -430,7 +488,9 @@ def test_routing_under_autocast_computes_in_autocast_dtype() -> None:
     model = _model("llama")
     input_ids, labels = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused_out, fused_grads = _loss_and_grads(model, type(model).__call__, input_ids=input_ids, labels=labels)
+        fused_out, fused_grads = _loss_and_grads(
+            model, type(model).__call__, input_ids=input_ids, labels=labels
+        )
         original_out, original_grads = _loss_and_grads(
             model, original_of(type(model).forward), input_ids=input_ids, labels=labels
         )

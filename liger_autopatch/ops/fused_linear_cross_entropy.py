@@ -76,7 +76,15 @@ def fused_linear_cross_entropy(
         )
     if not _triton_serves(hidden, weight, bias, target):
         return _torch_reference(
-            hidden, weight, target, bias, ignore_index, reduction, num_items_in_batch, softcap, logit_scale
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index,
+            reduction,
+            num_items_in_batch,
+            softcap,
+            logit_scale,
         )
     denominator = _denominator(target, ignore_index, reduction, num_items_in_batch, hidden.device)
     transforms = {"softcap": softcap, "logit_scale": logit_scale, "ignore_index": ignore_index}
@@ -124,7 +132,9 @@ def _chunk_loss(
     logits: Tensor, target: Tensor, denominator: Tensor | None, transforms: dict
 ) -> Tensor:
     """This chunk's share of the loss: the sum of its rows over ``denominator``."""
-    return cross_entropy(logits, target, reduction="sum", num_items_in_batch=denominator, **transforms)
+    return cross_entropy(
+        logits, target, reduction="sum", num_items_in_batch=denominator, **transforms
+    )
 
 
 def _loss_only(
@@ -166,7 +176,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # 16-bit weights: accumulate in float32, round once (see the module docstring).
         accumulator_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
         grad_weight = torch.zeros_like(weight, dtype=accumulator_dtype) if want_weight else None
-        grad_bias = torch.zeros(n_vocab, dtype=torch.float32, device=hidden.device) if want_bias else None
+        grad_bias = (
+            torch.zeros(n_vocab, dtype=torch.float32, device=hidden.device) if want_bias else None
+        )
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n_rows, step):
             rows = slice(start, start + step)

@@ -160,7 +160,9 @@ _METADATA = {
 }  # fmt: skip
 
 
-def _recordable(func: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[DeferredLogits, _Step] | None:
+def _recordable(
+    func: Callable[..., Any], args: tuple, kwargs: dict
+) -> tuple[DeferredLogits, _Step] | None:
     """The deferred operand and the step, where ``func(*args)`` is a step we model."""
     if kwargs:
         return None
@@ -207,14 +209,20 @@ class DeferredLogits(torch.Tensor):
 
     @staticmethod
     def __new__(
-        cls, source: _LinearSource, steps: tuple[_Step, ...], dtype: torch.dtype, rows_only: bool = False
+        cls,
+        source: _LinearSource,
+        steps: tuple[_Step, ...],
+        dtype: torch.dtype,
+        rows_only: bool = False,
     ) -> DeferredLogits:
         hidden, weight = source.hidden, source.weight
         requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in source.tensors())
         n_vocab = weight.shape[0]
         self = torch.Tensor._make_wrapper_subclass(
             cls,
-            (hidden.numel() // hidden.shape[-1], n_vocab) if rows_only else (*hidden.shape[:-1], n_vocab),
+            (hidden.numel() // hidden.shape[-1], n_vocab)
+            if rows_only
+            else (*hidden.shape[:-1], n_vocab),
             dtype=dtype,
             device=hidden.device,
             requires_grad=requires_grad,
@@ -273,11 +281,15 @@ class DeferredLogits(torch.Tensor):
         source = self._source
         if self._materialized is None and not source.loss_fused:
             name = getattr(func, "__name__", repr(func))
-            _count(source.target, fused=False, reason=f"the forward used the logits ({name}) before the loss")
+            _count(
+                source.target,
+                fused=False,
+                reason=f"the forward used the logits ({name}) before the loss",
+            )
         return self.materialize()
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: D105
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
@@ -286,13 +298,17 @@ class DeferredLogits(torch.Tensor):
         if recorded is not None:
             deferred, step = recorded
             return deferred._then(step)
-        args, kwargs = tree_map_only(DeferredLogits, lambda t: t._materialize_for(func), (args, kwargs))
+        args, kwargs = tree_map_only(
+            DeferredLogits, lambda t: t._materialize_for(func), (args, kwargs)
+        )
         return func(*args, **kwargs)
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: D105
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # Reached only by code that bypasses __torch_function__: values, no autograd.
-        args, kwargs = tree_map_only(DeferredLogits, lambda t: t._materialize_for(func), (args, kwargs or {}))
+        args, kwargs = tree_map_only(
+            DeferredLogits, lambda t: t._materialize_for(func), (args, kwargs or {})
+        )
         return func(*args, **kwargs)
 
 
@@ -302,20 +318,27 @@ class _DeferredHidden(torch.Tensor):
     _target: str
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: D105
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
             plain_args, plain_kwargs = tree_map_only(
                 _DeferredHidden, lambda t: t.as_subclass(torch.Tensor), (args, kwargs)
             )
-        if func is F.linear and not kwargs and len(args) in (2, 3) and isinstance(args[0], _DeferredHidden):
+        if (
+            func is F.linear
+            and not kwargs
+            and len(args) in (2, 3)
+            and isinstance(args[0], _DeferredHidden)
+        ):
             deferred = _defer_linear(*plain_args, target=args[0]._target)
             if deferred is not None:
                 return deferred
         return func(*plain_args, **plain_kwargs)
 
 
-def _defer_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, target: str) -> Tensor | None:
+def _defer_linear(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, target: str
+) -> Tensor | None:
     """The deferred ``F.linear(hidden, weight, bias)``, in the dtype autocast would give."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -349,7 +372,9 @@ def fused_causal_lm_loss(
 
     def targets() -> Tensor | str:
         if vocab_size != logits._source.weight.shape[0]:
-            return f"vocab_size {vocab_size} is not lm_head's {logits._source.weight.shape[0]} outputs"
+            return (
+                f"vocab_size {vocab_size} is not lm_head's {logits._source.weight.shape[0]} outputs"
+            )
         if shift_labels is not None:
             return shift_labels
         if labels is None:
@@ -361,7 +386,12 @@ def fused_causal_lm_loss(
 
 
 def fused_cross_entropy_loss(
-    logits: DeferredLogits, target: Tensor, *, ignore_index: int, reduction: str, label_smoothing: float
+    logits: DeferredLogits,
+    target: Tensor,
+    *,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
 ) -> Tensor | None:
     """``CrossEntropyLoss()(logits.view(-1, V), target)`` (no shift) from lm_head's input
     and weight, for the models that call the loss module themselves; None as above."""
@@ -389,7 +419,9 @@ def _fused_loss(
     if logits._materialized is not None:
         return None  # already computed, and counted when it was
     try:
-        loss_or_reason = _fused_or_reason(logits, targets, ignore_index, reduction, num_items_in_batch)
+        loss_or_reason = _fused_or_reason(
+            logits, targets, ignore_index, reduction, num_items_in_batch
+        )
     except Exception as exc:
         record_failure(source.target, FAMILY, exc)
         loss_or_reason = f"failed: {type(exc).__name__}: {exc}"
