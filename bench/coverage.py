@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -172,7 +173,8 @@ class _Timeout(BaseException):
     """Not an Exception: the code under test must not catch it and carry on."""
 
 
-def _worker(architectures: list[tuple[str, str]]) -> dict[str, Any]:
+def _worker(architectures: list[tuple[str, str]]) -> None:
+    """Check each architecture; print one JSON line per result as soon as it is known."""
     import warnings
 
     import liger_autopatch
@@ -184,7 +186,6 @@ def _worker(architectures: list[tuple[str, str]]) -> dict[str, Any]:
         raise _Timeout(f"over {TIMEOUT_S} s")
 
     signal.signal(signal.SIGALRM, on_alarm)
-    results = {}
     for model_type, class_name in architectures:
         started = time.perf_counter()
         signal.alarm(TIMEOUT_S)
@@ -198,13 +199,40 @@ def _worker(architectures: list[tuple[str, str]]) -> dict[str, Any]:
         finally:
             signal.alarm(0)
         result.update(class_name=class_name, seconds=round(time.perf_counter() - started, 2))
-        results[model_type] = result
+        print(json.dumps({model_type: result}), flush=True)
         print(
             f"{model_type:32s} {result['state']:10s} {result['detail'][:110]}",
             file=sys.stderr,
             flush=True,
         )
-    return results
+
+
+def _run_shard(shard: list[tuple[str, str]], results: dict[str, Any]) -> None:
+    """Run ``shard`` in worker processes; a worker killed (out of memory) on an
+    architecture records it as not built and a new worker takes the rest."""
+    pending = list(shard)
+    while pending:
+        worker = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(pending)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for line in worker.stdout:
+            if line.startswith('{"'):
+                try:
+                    results.update(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # something the model code printed
+        worker.wait()
+        pending = [a for a in pending if a[0] not in results]
+        if pending:  # the worker died on pending[0]
+            model_type, class_name = pending.pop(0)
+            results[model_type] = {
+                "state": "not_built",
+                "detail": f"the worker died (exit code {worker.returncode}, out of memory?)",
+                "class_name": class_name,
+            }
 
 
 def main() -> None:
@@ -215,7 +243,7 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON list, internal
     args = parser.parse_args()
     if args.worker is not None:
-        print(json.dumps(_worker([tuple(a) for a in json.loads(args.worker)])))
+        _worker([tuple(a) for a in json.loads(args.worker)])
         return
 
     import torch
@@ -228,22 +256,14 @@ def main() -> None:
         architectures = [a for a in architectures if a[0] in wanted]
     shards = [architectures[i :: args.jobs] for i in range(args.jobs)]
     started = time.perf_counter()
-    workers = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", json.dumps(shard)],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        for shard in shards
-        if shard
-    ]
     results: dict[str, Any] = {}
-    for worker in workers:
-        stdout, _ = worker.communicate()
-        if worker.returncode != 0:
-            raise SystemExit(f"a worker failed with exit code {worker.returncode}")
-        results.update(json.loads(stdout.strip().splitlines()[-1]))
+    threads = [
+        threading.Thread(target=_run_shard, args=(shard, results)) for shard in shards if shard
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     results = dict(sorted(results.items()))
 
     counts = {state: 0 for state in ("verified", "fell_back", "mismatch", "not_built")}
