@@ -201,17 +201,20 @@ def run_case(model_name: str, variant: str, device: str, dtype: Any) -> dict[str
 
 
 def _count_kernel_calls() -> list[int]:
-    """Wrap the kernel entry point of the dispatcher so that each call is counted."""
+    """Wrap the kernel entry points (the dispatcher's, and the fused linear
+    cross-entropy's, which causal LMs reach) so that each call is counted."""
+    from liger_autopatch.ops import fused_linear_cross_entropy
     from liger_autopatch.targets import _dispatch
 
     calls = [0]
-    kernel = _dispatch.cross_entropy
+    for module in (_dispatch, fused_linear_cross_entropy):
+        kernel = module.cross_entropy
 
-    def counted_cross_entropy(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return kernel(*args, **kwargs)
+        def counted_cross_entropy(*args: Any, _kernel: Any = kernel, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return _kernel(*args, **kwargs)
 
-    _dispatch.cross_entropy = counted_cross_entropy
+        module.cross_entropy = counted_cross_entropy
     return calls
 
 

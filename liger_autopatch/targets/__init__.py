@@ -48,6 +48,13 @@ FAMILIES: tuple[Family, ...] = (
         implementation="liger_autopatch.targets.model_modules",
         declared=(),
     ),
+    Family(
+        name="flce",
+        summary="transformers.models.*.modeling_* (the forward of each causal-LM class)",
+        matches=_is_model_module,
+        implementation="liger_autopatch.targets.fused_linear",
+        declared=(),
+    ),
 )
 
 

@@ -33,6 +33,7 @@ from liger_autopatch.targets._dispatch import (
     kernel_serves,
     liger_kernel_owns_cross_entropy,
 )
+from liger_autopatch.targets.fused_linear import DeferredLogits, fused_causal_lm_loss
 
 FAMILY = "loss"
 
@@ -171,6 +172,19 @@ def _replace_causal_lm_loss(original: Callable[..., Any]) -> Callable[..., Any]:
         shift_labels=None,
         **kwargs,
     ):
+        if isinstance(logits, DeferredLogits):
+            # lm_head's output, not computed (family "flce"): the loss from its input.
+            loss = fused_causal_lm_loss(
+                logits,
+                labels,
+                vocab_size,
+                num_items_in_batch,
+                ignore_index,
+                shift_labels if takes_shift_labels else None,
+            )
+            if loss is not None:
+                return loss
+            logits = logits.materialize()
         if logits.shape[-1] == vocab_size:
             if shift_labels is not None and takes_shift_labels:
                 next_tokens = shift_labels

@@ -20,6 +20,7 @@ from liger_autopatch.targets._dispatch import (
     kernel_serves,
     liger_kernel_owns_cross_entropy,
 )
+from liger_autopatch.targets.fused_linear import DeferredLogits, fused_cross_entropy_loss
 
 FAMILY = "modules"
 
@@ -34,6 +35,20 @@ class AutopatchCrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of ``input`` (N, C) logits against ``target`` (N,) class indices."""
+        if isinstance(input, DeferredLogits):
+            # lm_head's output, not computed (family "flce"): the loss from its input.
+            loss = None
+            if self.weight is None:
+                loss = fused_cross_entropy_loss(
+                    input,
+                    target,
+                    ignore_index=self.ignore_index,
+                    reduction=self.reduction,
+                    label_smoothing=self.label_smoothing,
+                )
+            if loss is not None:
+                return loss.to(input.dtype)
+            input = input.materialize()
         if self.weight is None and kernel_serves(input, target):
             loss = kernel_loss(
                 input,

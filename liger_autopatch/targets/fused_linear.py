@@ -1,0 +1,569 @@
+"""Family "flce": a causal LM's loss from its hidden states and lm_head, never its logits.
+
+The model keeps running its own forward. Three pieces route the loss around the logits:
+
+* each causal-LM class of a ``transformers.models.*.modeling_*`` module gets its
+  ``forward`` wrapped (:func:`apply`). A call with ``labels`` or ``shift_labels``, on a model
+  whose loss is our ``ForCausalLMLoss`` and whose ``get_output_embeddings()`` is a plain
+  ``torch.nn.Linear``, registers a forward pre-hook on that lm_head for the duration of
+  the call;
+* the pre-hook hands lm_head its input as a :class:`_DeferredHidden`, so the
+  ``F.linear`` inside ``nn.Linear.forward`` returns a :class:`DeferredLogits` (shape, dtype
+  and device of the logits, no memory) instead of computing anything. It records the
+  elementwise steps the forward applies (multiply or divide by a Python number, ``tanh``,
+  upcast to float32: cohere's ``logit_scale``, granite's ``logits_scaling``, gemma's
+  softcap) and computes the real logits on any other use (see
+  :meth:`DeferredLogits.materialize`);
+* our ``ForCausalLMLoss`` (:mod:`~liger_autopatch.targets.loss_functions`) hands a
+  :class:`DeferredLogits` to :func:`fused_causal_lm_loss`, which runs
+  :func:`~liger_autopatch.ops.fused_linear_cross_entropy.fused_linear_cross_entropy` on the
+  hidden states and the weight, or declines (then the logits are materialized and the
+  ordinary path runs: never a different loss). Models that call ``CrossEntropyLoss()``
+  on ``logits.view(-1, V)`` themselves reach :func:`fused_cross_entropy_loss` through our
+  ``CrossEntropyLoss`` global (:mod:`~liger_autopatch.targets.model_modules`).
+
+What falls back, and why, is counted per target in :func:`routing`; errors inside this
+code are recorded as ``failed`` in ``status`` and the ordinary path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_map_only
+
+from liger_autopatch._registry import (
+    ORIGINAL_ATTR,
+    TargetPatch,
+    apply_target,
+    is_ours,
+    original_of,
+    record_failure,
+)
+from liger_autopatch.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from liger_autopatch.targets._dispatch import is_liger_kernel
+
+FAMILY = "flce"
+
+OPT_OUT = "set LIGER_DISABLE=flce to have the logits computed in the forward"
+
+
+# ---------------------------------------------------------------------------------------
+# Per-target record of what each call did.
+
+
+@dataclass
+class RoutingRecord:
+    """How the calls of one wrapped forward went: fused, or the ordinary path and why."""
+
+    fused: int = 0
+    fell_back: int = 0
+    last_reason: str = ""
+
+
+_routing: dict[str, RoutingRecord] = {}
+_routing_lock = threading.Lock()
+
+
+def routing() -> dict[str, RoutingRecord]:
+    """Per target (``flce.<ModelClass>``): calls fused, calls that fell back, last reason."""
+    with _routing_lock:
+        return {target: RoutingRecord(**vars(record)) for target, record in _routing.items()}
+
+
+def _count(target: str, *, fused: bool, reason: str = "") -> None:
+    with _routing_lock:
+        record = _routing.setdefault(target, RoutingRecord())
+        if fused:
+            record.fused += 1
+        else:
+            record.fell_back += 1
+            record.last_reason = reason
+
+
+# ---------------------------------------------------------------------------------------
+# The deferred logits.
+
+
+@dataclass
+class _LinearSource:
+    """What lm_head was called with, and the version counters to tell if it changed."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    target: str
+    versions: tuple[int, ...]
+    loss_fused: bool = False
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return tuple(t for t in (self.hidden, self.weight, self.bias) if t is not None)
+
+    def check_unchanged(self) -> None:
+        """Raise if the logits can no longer be computed as the forward would have."""
+        changed = tuple(t._version for t in self.tensors()) != self.versions
+        freed = any(t.untyped_storage().size() == 0 and t.numel() > 0 for t in self.tensors())
+        if changed or freed:
+            raise RuntimeError(
+                "liger_autopatch: these logits were left uncomputed by the forward (fused "
+                "linear cross-entropy) and lm_head's weight or input has been "
+                f"{'released' if freed else 'modified'} since, so they cannot be computed now. "
+                f"Read outputs.logits before the optimizer step, or {OPT_OUT}."
+            )
+
+
+_SELF = object()  # where the deferred tensor goes in a recorded step's arguments
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One elementwise op the forward applied to the logits."""
+
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kind: str  # "scale" (multiply by factor), "tanh", "upcast" (to float32), "rows" (view as (N, V)), "same"
+    factor: float = 1.0
+
+    def replay(self, logits: Tensor) -> Tensor:
+        return self.func(*(logits if a is _SELF else a for a in self.args))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_MULTIPLY = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul, torch.mul}
+_DIVIDE = {torch.Tensor.__truediv__, torch.Tensor.div, torch.div, torch.true_divide}
+_TANH = {torch.tanh, torch.Tensor.tanh}
+_VIEW = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+# Answered from the wrapper's own metadata, without computing anything.
+_METADATA = {
+    *(
+        getattr(torch.Tensor, name).__get__
+        for name in (
+            "shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_cpu",
+            "layout", "is_leaf", "grad_fn", "is_meta", "is_sparse", "is_quantized", "is_nested",
+        )
+    ),
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.nelement,
+    torch.Tensor.__len__, torch.Tensor.__hash__, torch.Tensor.get_device,
+    torch.Tensor.is_floating_point, torch.Tensor.is_complex, torch.Tensor.element_size,
+}  # fmt: skip
+
+
+def _recordable(
+    func: Callable[..., Any], args: tuple, kwargs: dict
+) -> tuple[DeferredLogits, _Step] | None:
+    """The deferred operand and the step, where ``func(*args)`` is a step we model."""
+    if kwargs:
+        return None
+    if func in _MULTIPLY and len(args) == 2:
+        first, second = args
+        if isinstance(first, DeferredLogits) and _is_number(second):
+            return first, _Step(func, (_SELF, second), "scale", float(second))
+        if isinstance(second, DeferredLogits) and _is_number(first):
+            return second, _Step(func, (first, _SELF), "scale", float(first))
+    if func in _DIVIDE and len(args) == 2:
+        first, second = args
+        if isinstance(first, DeferredLogits) and _is_number(second) and second != 0:
+            return first, _Step(func, (_SELF, second), "scale", 1.0 / second)
+    if func in _TANH and len(args) == 1 and isinstance(args[0], DeferredLogits):
+        return args[0], _Step(func, (_SELF,), "tanh")
+    is_upcast = (func is torch.Tensor.float and len(args) == 1) or (
+        func is torch.Tensor.to and len(args) == 2 and args[1] is torch.float32
+    )
+    if is_upcast and isinstance(args[0], DeferredLogits):
+        return args[0], _Step(func, (_SELF, *args[1:]), "upcast")
+    if func is torch.Tensor.contiguous and len(args) == 1 and isinstance(args[0], DeferredLogits):
+        return args[0], _Step(func, (_SELF,), "same")
+    if func in _VIEW and isinstance(args[0], DeferredLogits):
+        # logits.view(-1, V), as the models that call CrossEntropyLoss themselves do.
+        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        if tuple(shape) == (-1, args[0].shape[-1]):
+            return args[0], _Step(func, (_SELF, *args[1:]), "rows")
+    return None
+
+
+class DeferredLogits(torch.Tensor):
+    """The logits ``F.linear(hidden, weight, bias)`` followed by recorded steps, not computed.
+
+    It has the shape, dtype, device and ``requires_grad`` of the real logits and no memory.
+    Multiplying or dividing by a Python number, ``tanh`` and ``.float()`` give another
+    :class:`DeferredLogits`; every other use computes the real logits first
+    (:meth:`materialize`), with autograd, exactly as the forward would have computed them.
+    """
+
+    _source: _LinearSource
+    _steps: tuple[_Step, ...]
+    _rows_only: bool  # viewed as (N, V)
+    _materialized: Tensor | None
+
+    @staticmethod
+    def __new__(
+        cls,
+        source: _LinearSource,
+        steps: tuple[_Step, ...],
+        dtype: torch.dtype,
+        rows_only: bool = False,
+    ) -> DeferredLogits:
+        hidden, weight = source.hidden, source.weight
+        requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in source.tensors())
+        n_vocab = weight.shape[0]
+        self = torch.Tensor._make_wrapper_subclass(
+            cls,
+            (hidden.numel() // hidden.shape[-1], n_vocab)
+            if rows_only
+            else (*hidden.shape[:-1], n_vocab),
+            dtype=dtype,
+            device=hidden.device,
+            requires_grad=requires_grad,
+        )
+        self._source = source
+        self._steps = steps
+        self._rows_only = rows_only
+        self._materialized = None
+        return self
+
+    def materialize(self) -> Tensor:
+        """The real logits (computed once, then kept), as the forward would have made them.
+
+        Raises ``RuntimeError`` when lm_head's weight or input changed or was released
+        since the forward (an optimizer step, a sharded weight put back).
+        """
+        if self._materialized is None:
+            source = self._source
+            source.check_unchanged()
+            with torch.autocast(source.hidden.device.type, enabled=False):
+                logits = F.linear(source.hidden, source.weight, source.bias)
+            for step in self._steps:
+                logits = step.replay(logits)
+            self._materialized = logits
+        return self._materialized
+
+    def fused_transforms(self) -> tuple[float | None, float | None] | str:
+        """``(logit_scale, softcap)`` that reproduce the recorded steps in the fused op, or
+        the reason they cannot. The steps must be ``c * tanh(a * logits)`` or ``a * logits``."""
+        scale, outer, tanh = 1.0, 1.0, False
+        for step in self._steps:
+            if step.kind == "scale":
+                if tanh:
+                    outer *= step.factor
+                else:
+                    scale *= step.factor
+            elif step.kind == "tanh":
+                if tanh:
+                    return "tanh applied twice to the logits"
+                tanh = True
+        if not tanh:
+            return (scale if scale != 1.0 else None, None)
+        if outer <= 0:
+            return f"logits scaled by {outer} after tanh"
+        # outer * tanh(scale * x) = softcap * tanh(logit_scale * x / softcap)
+        return (scale * outer, outer)
+
+    def _then(self, step: _Step) -> Tensor:
+        if self._materialized is not None:
+            return step.replay(self._materialized)
+        dtype = torch.float32 if step.kind == "upcast" else self.dtype
+        rows_only = self._rows_only or step.kind == "rows"
+        return DeferredLogits(self._source, (*self._steps, step), dtype, rows_only)
+
+    def _materialize_for(self, func: Callable[..., Any]) -> Tensor:
+        source = self._source
+        if self._materialized is None and not source.loss_fused:
+            name = getattr(func, "__name__", repr(func))
+            _count(
+                source.target,
+                fused=False,
+                reason=f"the forward used the logits ({name}) before the loss",
+            )
+        return self.materialize()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        recorded = _recordable(func, args, kwargs)
+        if recorded is not None:
+            deferred, step = recorded
+            return deferred._then(step)
+        args, kwargs = tree_map_only(
+            DeferredLogits, lambda t: t._materialize_for(func), (args, kwargs)
+        )
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached only by code that bypasses __torch_function__: values, no autograd.
+        args, kwargs = tree_map_only(
+            DeferredLogits, lambda t: t._materialize_for(func), (args, kwargs or {})
+        )
+        return func(*args, **kwargs)
+
+
+class _DeferredHidden(torch.Tensor):
+    """lm_head's input inside a wrapped forward: ``F.linear`` on it is deferred."""
+
+    _target: str
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            plain_args, plain_kwargs = tree_map_only(
+                _DeferredHidden, lambda t: t.as_subclass(torch.Tensor), (args, kwargs)
+            )
+        if (
+            func is F.linear
+            and not kwargs
+            and len(args) in (2, 3)
+            and isinstance(args[0], _DeferredHidden)
+        ):
+            deferred = _defer_linear(*plain_args, target=args[0]._target)
+            if deferred is not None:
+                return deferred
+        return func(*plain_args, **plain_kwargs)
+
+
+def _defer_linear(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, target: str
+) -> Tensor | None:
+    """The deferred ``F.linear(hidden, weight, bias)``, in the dtype autocast would give."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        return None  # F.linear itself raises on this
+    tensors = tuple(t for t in (hidden, weight, bias) if t is not None)
+    source = _LinearSource(hidden, weight, bias, target, tuple(t._version for t in tensors))
+    return DeferredLogits(source, (), hidden.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The loss: called by our ForCausalLMLoss.
+
+
+def fused_causal_lm_loss(
+    logits: DeferredLogits,
+    labels: Tensor | None,
+    vocab_size: int,
+    num_items_in_batch: int | Tensor | None,
+    ignore_index: int,
+    shift_labels: Tensor | None,
+) -> Tensor | None:
+    """transformers' ``ForCausalLMLoss`` computed from lm_head's input and weight.
+
+    None where the fused op cannot reproduce it (then the caller materializes the logits
+    and runs the ordinary path); the reason is counted in :func:`routing`.
+    """
+
+    def targets() -> Tensor | str:
+        if vocab_size != logits._source.weight.shape[0]:
+            return (
+                f"vocab_size {vocab_size} is not lm_head's {logits._source.weight.shape[0]} outputs"
+            )
+        if shift_labels is not None:
+            return shift_labels
+        if labels is None:
+            return "no labels"
+        # As the original: the last position of each row predicts nothing.
+        return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+    return _fused_loss(logits, targets, ignore_index, "mean", num_items_in_batch)
+
+
+def fused_cross_entropy_loss(
+    logits: DeferredLogits,
+    target: Tensor,
+    *,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> Tensor | None:
+    """``CrossEntropyLoss()(logits.view(-1, V), target)`` (no shift) from lm_head's input
+    and weight, for the models that call the loss module themselves; None as above."""
+
+    def targets() -> Tensor | str:
+        if not logits._rows_only:
+            return "CrossEntropyLoss on logits not viewed as (N, V)"
+        if reduction not in ("mean", "sum") or label_smoothing != 0.0:
+            return f"CrossEntropyLoss(reduction={reduction!r}, label_smoothing={label_smoothing})"
+        return target
+
+    return _fused_loss(logits, targets, ignore_index, reduction, None)
+
+
+def _fused_loss(
+    logits: DeferredLogits,
+    targets: Callable[[], Tensor | str],
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+) -> Tensor | None:
+    """The fused loss, or None with the reason counted. ``targets()`` gives the per-row
+    targets or the reason the loss cannot be fused."""
+    source = logits._source
+    if logits._materialized is not None:
+        return None  # already computed, and counted when it was
+    try:
+        loss_or_reason = _fused_or_reason(
+            logits, targets, ignore_index, reduction, num_items_in_batch
+        )
+    except Exception as exc:
+        record_failure(source.target, FAMILY, exc)
+        loss_or_reason = f"failed: {type(exc).__name__}: {exc}"
+    if isinstance(loss_or_reason, str):
+        _count(source.target, fused=False, reason=loss_or_reason)
+        return None
+    source.loss_fused = True
+    _count(source.target, fused=True)
+    return loss_or_reason
+
+
+def _fused_or_reason(
+    logits: DeferredLogits,
+    targets: Callable[[], Tensor | str],
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+) -> Tensor | str:
+    source = logits._source
+    transforms = logits.fused_transforms()
+    if isinstance(transforms, str):
+        return transforms
+    logit_scale, softcap = transforms
+    if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, Tensor)):
+        return f"num_items_in_batch is a {type(num_items_in_batch).__name__}"
+    target = targets()
+    if isinstance(target, str):
+        return target
+    hidden = source.hidden.reshape(-1, source.hidden.shape[-1])
+    if target.numel() != hidden.shape[0]:
+        return f"{target.numel()} labels for {hidden.shape[0]} rows of logits"
+    return fused_linear_cross_entropy(
+        hidden,
+        source.weight,
+        target.reshape(-1).to(hidden.device),
+        bias=source.bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        softcap=softcap,
+        logit_scale=logit_scale,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The forward wrappers.
+
+
+def apply(module: ModuleType) -> None:
+    """Wrap the ``forward`` of every causal-LM class defined in ``module``.
+
+    Causal-LM classes: generation models (``GenerationMixin`` in the MRO) whose own
+    ``forward`` takes ``labels``. Whether a call is fused is decided per call.
+    """
+    for cls in list(vars(module).values()):
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, torch.nn.Module)
+            and cls.__module__ == module.__name__
+            and "forward" in vars(cls)
+            and any(base.__name__ == "GenerationMixin" for base in cls.__mro__)
+            and _labels_position(original_of(vars(cls)["forward"])) is not None
+        ):
+            apply_target(f"flce.{cls.__name__}", FAMILY, functools.partial(_stage, cls))
+
+
+def _labels_position(forward: Callable[..., Any]) -> int | None:
+    """Index of ``labels`` among the positional arguments after ``self``; None if absent."""
+    try:
+        names = list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("labels") - 1 if "labels" in names else None
+
+
+_replacements: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _stage(cls: type, patch: TargetPatch) -> None:
+    current = vars(cls)["forward"]
+    if is_liger_kernel(current):
+        patch.skip(f"liger-kernel replaced it ({current.__module__}); left to liger-kernel")
+    original = original_of(current)
+    replacement = _replacements.get(original)
+    if replacement is None:
+        replacement = _replacements[original] = _wrap_forward(original, f"flce.{cls.__name__}")
+    patch.set_attr(cls, "forward", replacement)
+
+
+def _wrap_forward(original: Callable[..., Any], target: str) -> Callable[..., Any]:
+    labels_position = _labels_position(original)
+
+    @functools.wraps(original)
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        labels = kwargs.get("labels")
+        if labels is None and labels_position is not None and len(args) > labels_position:
+            labels = args[labels_position]
+        if (labels is None and kwargs.get("shift_labels") is None) or torch.compiler.is_compiling():
+            return original(self, *args, **kwargs)
+        hook = _defer_lm_head(self, target)
+        if hook is None:
+            return original(self, *args, **kwargs)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    setattr(forward, ORIGINAL_ATTR, original)
+    return forward
+
+
+def _defer_lm_head(model: torch.nn.Module, target: str) -> torch.utils.hooks.RemovableHandle | None:
+    """Register the pre-hook that defers lm_head's output for one call; None where this
+    model cannot take the fused path (the reason is counted)."""
+    try:
+        lm_head = model.get_output_embeddings()
+        reason = _cannot_defer(model, lm_head)
+        if reason:
+            _count(target, fused=False, reason=reason)
+            return None
+        return lm_head.register_forward_pre_hook(functools.partial(_defer_input, target))
+    except Exception as exc:
+        record_failure(target, FAMILY, exc)
+        return None
+
+
+def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
+    """Why this model's loss cannot take the fused path ("" if it can)."""
+    loss_function = getattr(model, "loss_function", None)
+    if not (is_ours(loss_function) and original_of(loss_function).__name__ == "ForCausalLMLoss"):
+        return f"its loss is {getattr(original_of(loss_function), '__name__', loss_function)!r}, not our ForCausalLMLoss"
+    if type(lm_head) is not torch.nn.Linear:
+        return f"lm_head is {type(lm_head).__name__}, not torch.nn.Linear (adapted, quantized or sharded)"
+    weight = lm_head.weight
+    if type(weight) is not torch.nn.Parameter or hasattr(weight, "ds_id"):
+        return f"lm_head's weight is a {type(weight).__name__} (sharded)"
+    return ""
+
+
+def _defer_input(target: str, module: torch.nn.Module, args: tuple) -> tuple | None:
+    if len(args) != 1 or type(args[0]) is not torch.Tensor:
+        return None
+    hidden = args[0].as_subclass(_DeferredHidden)
+    hidden._target = target
+    return (hidden,)

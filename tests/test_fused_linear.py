@@ -1,0 +1,501 @@
+"""Fused linear cross-entropy: the op, and the routing of causal-LM losses through it.
+
+The op is checked against a float64 torch reference; the routing on tiny random models
+against the same model's original forward (lm_head computes real logits and our
+``ForCausalLMLoss`` takes the ordinary path) and, once, against a subprocess run with
+``LIGER_DISABLE=1``. The Triton cross-entropy runs under ``TRITON_INTERPRET=1``; the chunk
+size is made small so that every case spans several chunks.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit defines the kernels
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import liger_autopatch
+from liger_autopatch._registry import original_of
+from liger_autopatch.ops import fused_linear_cross_entropy as flce_op
+from liger_autopatch.ops.cross_entropy import cross_entropy
+from liger_autopatch.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from liger_autopatch.targets import fused_linear
+from liger_autopatch.targets.fused_linear import DeferredLogits
+from tests._subprocess import run_python
+
+liger_autopatch.install()  # what the .pth did already where the package is installed
+
+transformers = pytest.importorskip("transformers")
+
+RTOL = 1e-5
+VOCAB, HIDDEN = 256, 32
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 16 rows at V=256 in float32, so that every case spans several chunks."""
+    monkeypatch.setattr(flce_op, "CHUNK_BYTES", 16 * VOCAB * 4)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL) -> None:
+    """Within ``rtol`` of the largest entry of ``expected`` (NaN where it has NaN)."""
+    assert actual.shape == expected.shape, what
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan), f"{what}: NaN in different places"
+    if nan.all():
+        return
+    scale = expected[~nan].double().abs().max().item()
+    difference = (actual[~nan].double() - expected[~nan].double()).abs().max().item()
+    assert difference <= rtol * max(scale, 1e-30), (
+        f"{what}: off by {difference:.3g} (scale {scale:.3g})"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The op
+
+
+def _inputs(
+    n_rows: int = 70, dtype: torch.dtype = torch.float32, bias: bool = False, seed: int = 0
+):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_rows, HIDDEN, generator=generator).to(dtype).requires_grad_()
+    weight = (
+        (torch.randn(VOCAB, HIDDEN, generator=generator) / HIDDEN**0.5).to(dtype).requires_grad_()
+    )
+    bias_ = torch.randn(VOCAB, generator=generator).to(dtype).requires_grad_() if bias else None
+    target = torch.randint(0, VOCAB, (n_rows,), generator=generator)
+    target[::7] = -100
+    return hidden, weight, bias_, target
+
+
+def _reference(
+    hidden,
+    weight,
+    bias,
+    target,
+    *,
+    num_items_in_batch=None,
+    reduction="mean",
+    softcap=None,
+    logit_scale=None,
+):
+    """Loss and gradients in float64 with plain torch ops."""
+    leaves = [
+        t.detach().double().requires_grad_()
+        for t in (hidden, weight) + ((bias,) if bias is not None else ())
+    ]
+    logits = F.linear(*leaves)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if num_items_in_batch is None:
+        loss = F.cross_entropy(logits, target, reduction=reduction)
+    else:
+        loss = F.cross_entropy(logits, target, reduction="sum") / float(num_items_in_batch)
+    loss.backward()
+    return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+OP_CASES = {
+    "mean": {},
+    "sum": {"reduction": "sum"},
+    "num_items_int": {"num_items_in_batch": 97},
+    "num_items_tensor": {"num_items_in_batch": torch.tensor(97)},
+    "softcap": {"softcap": 2.0},
+    "logit_scale": {"logit_scale": 0.37},
+    "softcap_and_scale": {"softcap": 3.0, "logit_scale": 1.7},
+}
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("case", OP_CASES)
+def test_op_matches_float64_reference(case: str, bias: bool) -> None:
+    hidden, weight, bias_, target = _inputs(bias=bias)
+    options = OP_CASES[case]
+    loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias_, **options)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    expected_loss, expected_grads = _reference(hidden, weight, bias_, target, **options)
+    _close(loss.detach(), expected_loss, "loss")
+    for name, leaf, expected in zip(
+        ("hidden", "weight", "bias"), (hidden, weight, bias_), expected_grads
+    ):
+        _close(leaf.grad, expected, f"grad of {name}")
+
+
+def test_op_backward_scales_by_grad_output() -> None:
+    hidden, weight, _, target = _inputs()
+    (fused_linear_cross_entropy(hidden, weight, target) * 2.5).backward()
+    _, (grad_hidden, grad_weight) = _reference(hidden, weight, None, target)
+    _close(hidden.grad, 2.5 * grad_hidden, "grad of hidden")
+    _close(weight.grad, 2.5 * grad_weight, "grad of weight")
+
+
+def test_op_second_backward_raises_clearly() -> None:
+    hidden, weight, _, target = _inputs()
+    loss = fused_linear_cross_entropy(hidden, weight, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_op_all_ignored() -> None:
+    hidden, weight, _, target = _inputs()
+    target.fill_(-100)
+    loss = fused_linear_cross_entropy(hidden, weight, target)
+    loss.backward()
+    assert loss.isnan()  # torch's mean over no rows
+    assert not hidden.grad.any() and not weight.grad.any()
+    summed = fused_linear_cross_entropy(hidden, weight, target, num_items_in_batch=5)
+    assert summed.item() == 0.0
+
+
+def test_op_does_no_gradient_work_without_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_gradient_work(*args, **kwargs):
+        raise AssertionError("gradient computed")
+
+    hidden, weight, _, target = _inputs()
+    expected, _ = _reference(hidden, weight, None, target)
+    monkeypatch.setattr(flce_op._FusedLinearCrossEntropy, "apply", no_gradient_work)
+    with torch.no_grad():
+        _close(fused_linear_cross_entropy(hidden, weight, target), expected, "loss under no_grad")
+    _close(
+        fused_linear_cross_entropy(hidden.detach(), weight.detach(), target),
+        expected,
+        "loss of constants",
+    )
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most memory (bytes of storage) any op's output has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_op_never_makes_all_the_logits() -> None:
+    hidden, weight, bias, target = _inputs(n_rows=200, bias=True)
+    with _LargestTensor() as mode:
+        fused_linear_cross_entropy(hidden, weight, target, bias=bias).backward()
+    assert mode.largest < hidden.shape[0] * VOCAB * 4 / 4  # a quarter of the float32 logits
+
+
+def test_op_without_triton_is_the_torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    hidden, weight, bias, target = _inputs(bias=True)
+    assert not flce_op._triton_serves(hidden, weight, bias, target)
+    loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias, softcap=2.0)
+    loss.backward()
+    expected_loss, expected_grads = _reference(hidden, weight, bias, target, softcap=2.0)
+    _close(loss.detach(), expected_loss, "loss")
+    for leaf, expected in zip((hidden, weight, bias), expected_grads):
+        _close(leaf.grad, expected, "grad")
+
+
+def test_op_bfloat16_gradients_are_as_precise_as_unfused() -> None:
+    """Against float64: bf16 gradients no further off than unfused bf16 autograd's with the
+    same cross-entropy op (matmul, then our cross_entropy on all the logits at once), which
+    rounds one matmul over all rows once. The weight gradient sums 24 chunks here.
+
+    (The cross-entropy op is the same on both sides on purpose: the Triton interpreter
+    stores float32 to bfloat16 by truncation, twice the error of the round-to-nearest of
+    torch and of GPUs, so its bf16 logit gradient is further from float64 than torch's;
+    that is the interpreter's, not the chunking's.)
+    """
+    hidden, weight, _, target = _inputs(n_rows=384, dtype=torch.bfloat16, seed=1)
+    _, (exact_hidden, exact_weight) = _reference(hidden, weight, None, target)
+    fused_linear_cross_entropy(hidden, weight, target).backward()
+    fused = (hidden.grad.double(), weight.grad.double())
+    hidden.grad = weight.grad = None
+    cross_entropy(F.linear(hidden, weight), target).backward()
+    unfused = (hidden.grad.double(), weight.grad.double())
+    for what, exact, ours, theirs in zip(
+        ("hidden", "weight"), (exact_hidden, exact_weight), fused, unfused
+    ):
+        our_error = (ours - exact).norm() / exact.norm()
+        their_error = (theirs - exact).norm() / exact.norm()
+        assert our_error <= 1.05 * their_error, (
+            f"grad of {what}: {our_error:.3g} vs unfused {their_error:.3g}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Routing on tiny models
+
+
+def _config(name: str, **extra):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    configs = {
+        "llama": ("LlamaConfig", {}),
+        "gemma2": (
+            "Gemma2Config",
+            {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 3.0},
+        ),
+        "cohere": ("CohereConfig", {"logit_scale": 0.37}),
+        "granite": ("GraniteConfig", {"logits_scaling": 4.0}),
+        "mixtral": (
+            "MixtralConfig",
+            {
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "output_router_logits": True,
+                "router_aux_loss_coef": 0.1,
+            },
+        ),
+        "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    }
+    if name == "opt":  # its forward calls .contiguous() on the logits
+        return transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, word_embed_proj_dim=HIDDEN, ffn_dim=64,
+            num_hidden_layers=1, num_attention_heads=4, pad_token_id=0, dropout=0.0, **extra,
+        )  # fmt: skip
+    if name == "bart":  # BartForCausalLM: CrossEntropyLoss()(logits.view(-1, V), labels.view(-1))
+        return transformers.BartConfig(
+            vocab_size=VOCAB, d_model=HIDDEN, decoder_layers=1, encoder_layers=1,
+            decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=64,
+            encoder_ffn_dim=64, pad_token_id=0, dropout=0.0, **extra,
+        )  # fmt: skip
+    config_class, specific = configs[name]
+    return getattr(transformers, config_class)(**{**common, **specific, **extra})
+
+
+def _model(name: str, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(_config(name, **extra)).train()
+
+
+def _batch(seq: int = 40):
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, VOCAB, (2, seq), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :5] = -100
+    return input_ids, labels
+
+
+def _loss_and_grads(model: torch.nn.Module, forward, **inputs):
+    model.zero_grad()
+    outputs = forward(model, **inputs)
+    outputs.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return outputs, grads
+
+
+def _assert_routed_like_original(model: torch.nn.Module, **inputs) -> tuple:
+    """Fused forward vs the original forward: same loss, same gradient of every parameter."""
+    target = f"flce.{type(model).__name__}"
+    before = fused_linear.routing().get(target, fused_linear.RoutingRecord()).fused
+    fused_out, fused_grads = _loss_and_grads(model, type(model).__call__, **inputs)
+    assert isinstance(fused_out.logits, DeferredLogits)
+    assert fused_linear.routing()[target].fused == before + 1, fused_linear.routing()[target]
+    original_out, original_grads = _loss_and_grads(
+        model, original_of(type(model).forward), **inputs
+    )
+    assert not isinstance(original_out.logits, DeferredLogits)
+    _close(fused_out.loss.detach(), original_out.loss.detach(), "loss")
+    assert fused_grads.keys() == original_grads.keys()
+    scale = max(g.abs().max() for g in original_grads.values())
+    for name, grad in fused_grads.items():
+        _close(grad / scale, original_grads[name] / scale, f"grad of {name}")
+    return fused_out, original_out
+
+
+@pytest.mark.parametrize(
+    "name", ["llama", "gemma2", "cohere", "granite", "mixtral", "qwen2", "opt", "bart"]
+)
+def test_routing_matches_original_forward(name: str) -> None:
+    input_ids, labels = _batch()
+    fused_out, original_out = _assert_routed_like_original(
+        _model(name), input_ids=input_ids, labels=labels
+    )
+    _close(
+        fused_out.logits.detach(), original_out.logits.detach(), "logits read after the fused loss"
+    )
+    if name == "mixtral":
+        assert fused_out.aux_loss is not None and fused_out.aux_loss.item() > 0
+
+
+def test_routing_tied_embeddings_share_one_gradient() -> None:
+    model = _model("qwen2")
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    _assert_routed_like_original(model, input_ids=_batch()[0], labels=_batch()[1])
+
+
+def test_routing_logits_to_keep() -> None:
+    input_ids, labels = _batch()
+    fused_out, _ = _assert_routed_like_original(
+        _model("llama"), input_ids=input_ids, labels=labels[:, -8:], logits_to_keep=8
+    )
+    assert fused_out.logits.shape == (2, 8, VOCAB)
+
+
+def test_routing_shift_labels_and_num_items_in_batch() -> None:
+    input_ids, labels = _batch()
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    model = _model("gemma2")
+    shift_labels[1, -10:] = -100  # differs from the labels: the loss must follow shift_labels
+    _assert_routed_like_original(
+        model, input_ids=input_ids, labels=labels, shift_labels=shift_labels
+    )
+    _assert_routed_like_original(
+        model, input_ids=input_ids, labels=labels, num_items_in_batch=torch.tensor(150)
+    )
+
+
+def test_routing_under_no_grad_does_no_gradient_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("llama").eval()
+    input_ids, labels = _batch()
+    with torch.no_grad():
+        expected = original_of(type(model).forward)(model, input_ids=input_ids, labels=labels).loss
+        monkeypatch.setattr(flce_op._FusedLinearCrossEntropy, "apply", None)  # any use fails
+        outputs = model(input_ids=input_ids, labels=labels)
+    assert isinstance(outputs.logits, DeferredLogits)
+    _close(outputs.loss, expected, "eval loss")
+
+
+def test_routing_never_makes_all_the_logits() -> None:
+    vocab = 1024  # the logits outweigh the attention scores and the embedding
+    model = _model("llama", vocab_size=vocab)
+    input_ids, labels = _batch(seq=64)
+    logits_bytes = input_ids.numel() * vocab * 4
+    assert max(p.nbytes for p in model.parameters()) < logits_bytes / 2
+    with _LargestTensor() as mode:
+        model(input_ids=input_ids, labels=labels).loss.backward()
+    assert mode.largest < logits_bytes / 2
+
+
+def test_unmodelled_use_of_the_logits_falls_back_with_the_same_loss() -> None:
+    model = _model("llama")
+    model.lm_head.register_forward_hook(lambda module, args, output: output + 0.5)
+    input_ids, labels = _batch()
+    target = "flce.LlamaForCausalLM"
+    fell_back = fused_linear.routing().get(target, fused_linear.RoutingRecord()).fell_back
+    fused_out, fused_grads = _loss_and_grads(
+        model, type(model).__call__, input_ids=input_ids, labels=labels
+    )
+    record = fused_linear.routing()[target]
+    assert record.fell_back == fell_back + 1 and "(add)" in record.last_reason, record
+    original_out, original_grads = _loss_and_grads(
+        model, original_of(type(model).forward), input_ids=input_ids, labels=labels
+    )
+    _close(fused_out.loss.detach(), original_out.loss.detach(), "loss")
+    for name, grad in fused_grads.items():
+        _close(grad, original_grads[name], f"grad of {name}")
+
+
+def test_adapted_lm_head_falls_back() -> None:
+    class AdaptedLinear(torch.nn.Linear):
+        pass
+
+    model = _model("llama")
+    adapted = AdaptedLinear(HIDDEN, VOCAB, bias=False)
+    adapted.weight = model.lm_head.weight
+    model.lm_head = adapted
+    outputs = model(input_ids=_batch()[0], labels=_batch()[1])
+    assert type(outputs.logits) is torch.Tensor
+    assert "AdaptedLinear" in fused_linear.routing()["flce.LlamaForCausalLM"].last_reason
+
+
+def test_logits_after_an_optimizer_step_raise_with_the_opt_out() -> None:
+    model = _model("llama")
+    outputs = model(input_ids=_batch()[0], labels=_batch()[1])
+    outputs.loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    with pytest.raises(RuntimeError, match="LIGER_DISABLE=flce"):
+        outputs.logits.sum()
+
+
+def test_parity_with_unpatched_transformers_in_a_subprocess(tmp_path) -> None:
+    """Loss and lm_head gradient equal a LIGER_DISABLE=1 interpreter's, gemma2 (softcap)."""
+    model = _model("gemma2")
+    input_ids, labels = _batch()
+    torch.save(
+        {"state": model.state_dict(), "input_ids": input_ids, "labels": labels}, tmp_path / "in.pt"
+    )
+    outputs = model(input_ids=input_ids, labels=labels)
+    outputs.loss.backward()
+    expected = run_python(
+        f"""
+        import json, torch, transformers
+        import tests.test_fused_linear as t
+        saved = torch.load({str(tmp_path / "in.pt")!r})
+        model = transformers.AutoModelForCausalLM.from_config(t._config("gemma2")).train()
+        model.load_state_dict(saved["state"])
+        outputs = model(input_ids=saved["input_ids"], labels=saved["labels"])
+        outputs.loss.backward()
+        torch.save(model.lm_head.weight.grad, {str(tmp_path / "grad.pt")!r})
+        print(json.dumps({{"loss": outputs.loss.item(), "deferred": type(outputs.logits).__name__}}))
+        """,
+        env={
+            "LIGER_DISABLE": "1",
+            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        },
+    )
+    assert expected["deferred"] == "Tensor"
+    _close(outputs.loss.detach(), torch.tensor(expected["loss"], dtype=torch.float64), "loss")
+    _close(model.lm_head.weight.grad, torch.load(tmp_path / "grad.pt"), "grad of lm_head")
+
+
+def test_liger_disable_flce_turns_off_only_this_feature() -> None:
+    result = run_python(
+        """
+        import json, liger_autopatch, torch, transformers
+        liger_autopatch.install()
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        ids = torch.randint(0, 64, (1, 8))
+        outputs = model(input_ids=ids, labels=ids)
+        states = {row.target: row.state for row in liger_autopatch.status()}
+        print(json.dumps({"logits": type(outputs.logits).__name__,
+                          "flce": states.get("flce.LlamaForCausalLM"),
+                          "loss": states.get("loss_utils.ForCausalLMLoss")}))
+        """,
+        env={
+            "LIGER_DISABLE": "flce",
+            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        },
+    )
+    assert result == {"logits": "Tensor", "flce": "disabled", "loss": "patched"}
+
+
+def test_routing_under_autocast_computes_in_autocast_dtype() -> None:
+    """fp32 weights under bf16 autocast (the Trainer's bf16=True): the fused path computes
+    the logits in bf16 as autocast does; bf16 tolerance, as the parity tests use."""
+    model = _model("llama")
+    input_ids, labels = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_out, fused_grads = _loss_and_grads(
+            model, type(model).__call__, input_ids=input_ids, labels=labels
+        )
+        original_out, original_grads = _loss_and_grads(
+            model, original_of(type(model).forward), input_ids=input_ids, labels=labels
+        )
+    assert isinstance(fused_out.logits, DeferredLogits) and fused_out.logits.dtype == torch.bfloat16
+    _close(fused_out.loss.detach(), original_out.loss.detach(), "loss", rtol=2e-3)
+    scale = max(g.abs().max() for g in original_grads.values())
+    for name, grad in fused_grads.items():
+        _close(grad / scale, original_grads[name] / scale, f"grad of {name}", rtol=2e-2)
