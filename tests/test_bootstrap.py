@@ -303,3 +303,16 @@ def test_wheels_carry_the_startup_files_so_uninstall_removes_them(build, tmp_pat
     record = next(name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".dist-info/RECORD"))
     listed = {line.split(",")[0] for line in zipfile.ZipFile(wheel).read(record).decode().splitlines()}
     assert {"liger_autopatch.pth", "liger_autopatch.start"} <= listed
+
+
+def test_fused_linear_family_is_off_unless_liger_enable_names_it():
+    code = """
+    import json
+    import transformers.models.llama.modeling_llama
+    import liger_autopatch
+    rows = {row.target: [row.state, row.detail] for row in liger_autopatch.status()}
+    print(json.dumps(rows["flce.LlamaForCausalLM"]))
+    """
+    assert run_python(code, env={"LIGER_ENABLE": ""}) == ["disabled", "off by default; LIGER_ENABLE=flce turns it on"]
+    assert run_python(code, env={"LIGER_ENABLE": "flce"})[0] == "patched"
+    assert run_python(code, env={"LIGER_ENABLE": "flce", "LIGER_DISABLE": "flce"}) == ["disabled", "LIGER_DISABLE"]

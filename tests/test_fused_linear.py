@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit defines the kernels
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,9 +25,27 @@ from liger_autopatch.targets import fused_linear
 from liger_autopatch.targets.fused_linear import DeferredLogits
 from tests._subprocess import run_python
 
-liger_autopatch.install()  # what the .pth did already where the package is installed
-
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fused_path_on():
+    """For this module only: the flce family on (it is off by default: ``LIGER_ENABLE=flce``)
+    and, without CUDA, the Triton interpreter for the cross-entropy kernels."""
+    settings = {"LIGER_ENABLE": "flce"}
+    if not torch.cuda.is_available():
+        settings["TRITON_INTERPRET"] = "1"
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    liger_autopatch.install()  # applies the family to the transformers modules imported so far
+    yield
+    for name, value in previous.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
+    liger_autopatch.unpatch()  # and patch again as a default install does
+    liger_autopatch.install()
 
 RTOL = 1e-5
 VOCAB, HIDDEN = 256, 32

@@ -60,7 +60,7 @@ FAMILIES: tuple[Family, ...] = (
 
 # Families that patch nothing unless LIGER_ENABLE names them: correct, but not yet as fast
 # as what they replace.
-OFF_BY_DEFAULT: frozenset[str] = frozenset()
+OFF_BY_DEFAULT: frozenset[str] = frozenset({"flce"})
 
 
 def families_for(module_name: str) -> list[Family]:
