@@ -159,6 +159,19 @@ def _replace_fixed_cross_entropy(original: Callable[..., Any]) -> Callable[..., 
     return _keep_identity(fixed_cross_entropy, original)
 
 
+def _kernel_loss_on_rows(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, num_items_in_batch: Any
+) -> torch.Tensor | None:
+    """Our kernel's loss of ``logits`` (..., C) against ``labels`` (...) flattened to rows,
+    as the originals compute it after their float32 upcast; None where the kernel does not
+    serve the call (the caller then runs the original)."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    row_labels = labels.reshape(-1).to(logits.device)
+    if not kernel_serves(rows, row_labels, num_items_in_batch):
+        return None
+    return kernel_loss(rows, row_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+
+
 def _replace_causal_lm_loss(original: Callable[..., Any]) -> Callable[..., Any]:
     # Where the original has no shift_labels parameter it lands in **kwargs, unused.
     takes_shift_labels = "shift_labels" in inspect.signature(original).parameters
@@ -192,15 +205,9 @@ def _replace_causal_lm_loss(original: Callable[..., Any]) -> Callable[..., Any]:
                 # Pad the labels rather than slice the logits: a (B, T-1, V) slice needs a
                 # copy to become 2-D; the padded position is ignored, the loss is the same.
                 next_tokens = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-            rows = logits.reshape(-1, vocab_size)
-            row_labels = next_tokens.reshape(-1).to(logits.device)
-            if kernel_serves(rows, row_labels, num_items_in_batch):
-                return kernel_loss(
-                    rows,
-                    row_labels,
-                    ignore_index=ignore_index,
-                    num_items_in_batch=num_items_in_batch,
-                )
+            loss = _kernel_loss_on_rows(logits, next_tokens, ignore_index, num_items_in_batch)
+            if loss is not None:
+                return loss
         return original(
             logits,
             labels,
@@ -219,15 +226,9 @@ def _replace_masked_lm_loss(original: Callable[..., Any]) -> Callable[..., Any]:
         logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs
     ):
         if logits.shape[-1] == vocab_size:
-            rows = logits.reshape(-1, vocab_size)
-            row_labels = labels.reshape(-1).to(logits.device)
-            if kernel_serves(rows, row_labels, num_items_in_batch):
-                return kernel_loss(
-                    rows,
-                    row_labels,
-                    ignore_index=ignore_index,
-                    num_items_in_batch=num_items_in_batch,
-                )
+            loss = _kernel_loss_on_rows(logits, labels, ignore_index, num_items_in_batch)
+            if loss is not None:
+                return loss
         return original(logits, labels, vocab_size, num_items_in_batch, ignore_index, **kwargs)
 
     return _keep_identity(ForMaskedLMLoss, original)
@@ -236,18 +237,12 @@ def _replace_masked_lm_loss(original: Callable[..., Any]) -> Callable[..., Any]:
 def _replace_token_classification_loss(original: Callable[..., Any]) -> Callable[..., Any]:
     def ForTokenClassification(logits, labels, config, **kwargs):
         if logits.shape[-1] == config.num_labels:
-            rows = logits.reshape(-1, config.num_labels)
-            row_labels = labels.reshape(-1).to(logits.device)
             # The original hands **kwargs to fixed_cross_entropy, which reads these two.
-            num_items_in_batch = kwargs.get("num_items_in_batch")
-            if kernel_serves(rows, row_labels, num_items_in_batch):
-                ignore_index = kwargs.get("ignore_index", -100)
-                return kernel_loss(
-                    rows,
-                    row_labels,
-                    ignore_index=ignore_index,
-                    num_items_in_batch=num_items_in_batch,
-                )
+            loss = _kernel_loss_on_rows(
+                logits, labels, kwargs.get("ignore_index", -100), kwargs.get("num_items_in_batch")
+            )
+            if loss is not None:
+                return loss
         return original(logits, labels, config, **kwargs)
 
     return _keep_identity(ForTokenClassification, original)
