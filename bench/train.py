@@ -1,9 +1,11 @@
 """One training step of a Llama-3.2-1B-shaped model, side by side (issue 6, part 1).
 
 Each variant trains in its own process: transformers as is (LIGER_DISABLE=1); this
-package as installed (defaults); liger-kernel 0.8.5 with only its fused linear
-cross-entropy; liger-kernel with only its cross-entropy. Random init, bf16 weights,
-fused AdamW, sdpa attention, batch 4 x 4096 tokens, the same data for every variant.
+package as installed (defaults), and with its fused linear cross-entropy turned on
+(LIGER_ENABLE=flce); liger-kernel 0.8.5 with only its fused linear cross-entropy;
+liger-kernel with only its cross-entropy. Random init, bf16 weights, fused AdamW, sdpa
+attention, batch 4 x 4096 tokens, the same data for every variant. Then, per variant,
+the largest batch of 4096-token rows that trains without running out of memory.
 
     python bench/train.py            # GPU; prints the table, writes bench/results/train-*.json
 """
@@ -20,16 +22,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP, TIMED = 3, 5
-BATCH, SEQ = 4, 4096
+BATCH, SEQ = 4, 4096  # the batch of the timed comparison; the search for the largest starts here
 VARIANTS = {
     "transformers": {"LIGER_DISABLE": "1"},
     "liger_autopatch": {},
+    "liger_autopatch, flce": {"LIGER_ENABLE": "flce"},
     "liger-kernel FLCE": {"LIGER_DISABLE": "1", "BENCH_LIGER": "flce"},
     "liger-kernel CE": {"LIGER_DISABLE": "1", "BENCH_LIGER": "ce"},
 }
 
 
-def _child() -> dict:
+def _child(batch: int, steps: int) -> dict:
     import torch
     import transformers
 
@@ -50,7 +53,7 @@ def _child() -> dict:
     model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     generator = torch.Generator(device="cuda").manual_seed(1)
-    batches = torch.randint(0, config.vocab_size, (WARMUP + TIMED, BATCH, SEQ), device="cuda", generator=generator)
+    batches = torch.randint(0, config.vocab_size, (steps, batch, SEQ), device="cuda", generator=generator)
     losses, times = [], []
     torch.cuda.reset_peak_memory_stats()
     for tokens in batches:
@@ -63,38 +66,62 @@ def _child() -> dict:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
         losses.append(loss.item())
-    timed = sorted(times[WARMUP:])
+    timed = sorted(times[WARMUP:] or times)
     import liger_autopatch
 
     return {
         "losses": losses,
         "step_ms": timed[len(timed) // 2],
-        "tokens_per_s": BATCH * SEQ / (timed[len(timed) // 2] / 1e3),
+        "tokens_per_s": batch * SEQ / (timed[len(timed) // 2] / 1e3),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "patched": [row.target for row in liger_autopatch.status() if row.state == "patched"],
     }
 
 
+def _run_variant(extra_env: dict[str, str], batch: int, steps: int = WARMUP + TIMED) -> dict:
+    """One training run in a fresh process; {"error": last line of stderr} if it failed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LIGER_DISABLE", "LIGER_ENABLE")} | extra_env
+    run = subprocess.run([sys.executable, __file__, "--child", str(batch), str(steps)], env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        return {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _largest_batch(extra_env: dict[str, str], fits: int) -> int:
+    """The largest batch that trains, by doubling from one that fits, then bisecting.
+
+    Two steps per try: the optimizer state exists from the first, so the second step
+    reaches the peak that every later step repeats.
+    """
+    low, high = fits, fits * 2
+    while "error" not in _run_variant(extra_env, high, steps=2):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if "error" in _run_variant(extra_env, middle, steps=2):
+            high = middle
+        else:
+            low = middle
+    return low
+
+
 def main() -> None:
     import torch
 
-    results = {}
+    results = {name: _run_variant(extra_env, BATCH) for name, extra_env in VARIANTS.items()}
     for name, extra_env in VARIANTS.items():
-        env = {k: v for k, v in os.environ.items() if k != "LIGER_DISABLE"} | extra_env
-        run = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
-        if run.returncode != 0:
-            results[name] = {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"}
-        else:
-            results[name] = json.loads(run.stdout.strip().splitlines()[-1])
+        if "error" not in results[name]:
+            results[name]["largest_batch"] = _largest_batch(extra_env, BATCH)
     gpu = torch.cuda.get_device_name()
     print(f"Llama-3.2-1B shape, batch {BATCH} x {SEQ}, bf16, fused AdamW; {gpu}, torch {torch.__version__}")
-    print(f"  {'variant':<20} {'step ms':>8} {'tokens/s':>9} {'peak GiB':>9}  losses")
+    print(f"  {'variant':<24} {'step ms':>8} {'tokens/s':>9} {'peak GiB':>9} {'max batch':>9}  losses")
     for name, row in results.items():
         if "error" in row:
-            print(f"  {name:<20} error: {row['error']}")
+            print(f"  {name:<24} error: {row['error']}")
             continue
         losses = " ".join(f"{loss:.4f}" for loss in row["losses"])
-        print(f"  {name:<20} {row['step_ms']:>8.1f} {row['tokens_per_s'] / 1e3:>8.1f}k {row['peak_gib']:>9.2f}  {losses}")
+        print(f"  {name:<24} {row['step_ms']:>8.1f} {row['tokens_per_s'] / 1e3:>8.1f}k {row['peak_gib']:>9.2f} "
+              f"{row['largest_batch']:>9}  {losses}")
     import transformers
 
     record = {"date": date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
@@ -106,7 +133,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--child"]:
-        print(json.dumps(_child()))
+    if sys.argv[1:2] == ["--child"]:
+        print(json.dumps(_child(int(sys.argv[2]), int(sys.argv[3]))))
     else:
         main()
