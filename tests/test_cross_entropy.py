@@ -7,7 +7,6 @@ CUDA and run the compiled kernels at real sizes.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -28,16 +27,10 @@ interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="CPU interpreter tests; C
 def triton_interpreter():
     """TRITON_INTERPRET=1 for this module only, and only without CUDA (so that GPU runs
     compile the kernels and other test modules see the CPU fallback)."""
-    if HAS_CUDA:
+    with pytest.MonkeyPatch.context() as patch:
+        if not HAS_CUDA:
+            patch.setenv("TRITON_INTERPRET", "1")
         yield
-        return
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
 
 
 def reference(

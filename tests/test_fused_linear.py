@@ -32,18 +32,12 @@ transformers = pytest.importorskip("transformers")
 def fused_path_on():
     """For this module only: the flce family on (it is off by default: ``LIGER_ENABLE=flce``)
     and, without CUDA, the Triton interpreter for the cross-entropy kernels."""
-    settings = {"LIGER_ENABLE": "flce"}
-    if not torch.cuda.is_available():
-        settings["TRITON_INTERPRET"] = "1"
-    previous = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    liger_autopatch.install()  # applies the family to the transformers modules imported so far
-    yield
-    for name, value in previous.items():
-        if value is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = value
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LIGER_ENABLE", "flce")
+        if not torch.cuda.is_available():
+            patch.setenv("TRITON_INTERPRET", "1")
+        liger_autopatch.install()  # applies the family to the transformers modules imported so far
+        yield
     liger_autopatch.unpatch()  # and patch again as a default install does
     liger_autopatch.install()
 

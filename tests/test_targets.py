@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import os
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -71,16 +70,10 @@ def triton_interpreter() -> Iterator[None]:
     Only there: triton.jit reads it when the kernels are first defined, and a GPU run must
     compile them. Tests that need the CPU without the interpreter remove it themselves.
     """
-    if DEVICE.type == "cuda":
+    with pytest.MonkeyPatch.context() as patch:
+        if DEVICE.type != "cuda":
+            patch.setenv("TRITON_INTERPRET", "1")
         yield
-        return
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
 
 
 @pytest.fixture
