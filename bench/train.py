@@ -7,7 +7,8 @@ liger-kernel with only its cross-entropy. Random init, bf16 weights, fused AdamW
 attention, batch 4 x 4096 tokens, the same data for every variant. Then, per variant,
 the largest batch of 4096-token rows that trains without running out of memory.
 
-    python bench/train.py            # GPU; prints the table, writes bench/results/train-*.json
+    python bench/train.py                  # GPU; prints the table, writes bench/results/train-*.json
+    python bench/train.py --largest-batch  # also searches each variant's largest batch (minutes)
 """
 
 from __future__ import annotations
@@ -105,12 +106,12 @@ def _largest_batch(extra_env: dict[str, str], fits: int) -> int:
     return low
 
 
-def main() -> None:
+def main(search_largest: bool) -> None:
     import torch
 
     results = {name: _run_variant(extra_env, BATCH) for name, extra_env in VARIANTS.items()}
     for name, extra_env in VARIANTS.items():
-        if "error" not in results[name]:
+        if search_largest and "error" not in results[name]:
             results[name]["largest_batch"] = _largest_batch(extra_env, BATCH)
     gpu = torch.cuda.get_device_name()
     print(f"Llama-3.2-1B shape, batch {BATCH} x {SEQ}, bf16, fused AdamW; {gpu}, torch {torch.__version__}")
@@ -121,7 +122,7 @@ def main() -> None:
             continue
         losses = " ".join(f"{loss:.4f}" for loss in row["losses"])
         print(f"  {name:<24} {row['step_ms']:>8.1f} {row['tokens_per_s'] / 1e3:>8.1f}k {row['peak_gib']:>9.2f} "
-              f"{row['largest_batch']:>9}  {losses}")
+              f"{row.get('largest_batch', '-'):>9}  {losses}")
     import transformers
 
     record = {"date": date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
@@ -136,4 +137,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         print(json.dumps(_child(int(sys.argv[2]), int(sys.argv[3]))))
     else:
-        main()
+        main(search_largest=sys.argv[1:] == ["--largest-batch"])

@@ -201,20 +201,19 @@ def run_case(model_name: str, variant: str, device: str, dtype: Any) -> dict[str
 
 
 def _count_kernel_calls() -> list[int]:
-    """Wrap the kernel entry points (the dispatcher's, and the fused linear
-    cross-entropy's, which causal LMs reach) so that each call is counted."""
-    from liger_autopatch.ops import fused_linear_cross_entropy
-    from liger_autopatch.targets import _dispatch
+    """Wrap the kernel entry points (the dispatcher's cross-entropy, and the fused linear
+    cross-entropy that causal LMs reach when flce is on) so that each call is counted."""
+    from liger_autopatch.targets import _dispatch, fused_linear
 
     calls = [0]
-    for module in (_dispatch, fused_linear_cross_entropy):
-        kernel = module.cross_entropy
+    for module, name in ((_dispatch, "cross_entropy"), (fused_linear, "fused_linear_cross_entropy")):
+        kernel = getattr(module, name)
 
-        def counted_cross_entropy(*args: Any, _kernel: Any = kernel, **kwargs: Any) -> Any:
+        def counted(*args: Any, _kernel: Any = kernel, **kwargs: Any) -> Any:
             calls[0] += 1
             return _kernel(*args, **kwargs)
 
-        module.cross_entropy = counted_cross_entropy
+        setattr(module, name, counted)
     return calls
 
 

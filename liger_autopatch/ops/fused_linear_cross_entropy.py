@@ -1,25 +1,35 @@
 """Linear layer + cross-entropy in one op, without an (N, V) logits tensor.
 
 ``fused_linear_cross_entropy(hidden, weight, target)`` is
-``cross_entropy(hidden @ weight.T + bias, target)``, computed row chunk by row chunk:
+``cross_entropy(hidden @ weight.T + bias, target)``, computed row chunk by row chunk into
+one reused (chunk, V) buffer:
 
-1. ``logits = hidden[chunk] @ weight.T + bias`` (torch / cuBLAS), at most about
-   :data:`CHUNK_BYTES` bytes;
-2. :func:`liger_autopatch.ops.cross_entropy.cross_entropy` on the chunk: the chunk's share
-   of the loss and the gradient of the loss with respect to the chunk logits;
-3. ``grad_hidden[chunk] = grad_logits @ weight`` (one matmul over the whole vocabulary,
-   as unfused autograd computes it) and ``grad_weight += grad_logits.T @ hidden[chunk]``.
+1. ``buffer = hidden[chunk] @ weight.T + bias`` (cuBLAS);
+2. the Triton cross-entropy forward kernel on ``buffer``: each row's loss, and the
+   gradient of the loss with respect to the row's logits, written over the logits in
+   place (the buffer is ours alone);
+3. ``grad_hidden[chunk] = buffer @ weight`` and ``grad_weight += buffer.T @ hidden[chunk]``
+   (cuBLAS; the first chunk writes ``grad_weight``, the others add to it).
 
-The gradients are computed in the forward, so they exist only when autograd will ask for
-them: under ``torch.no_grad()`` (an evaluation loss) only steps 1 and 2 run, without a
-gradient. The backward multiplies the stored gradients by ``grad_output``.
+The targets are checked once for the whole call (one device-to-host sync, read after
+every chunk is queued). The gradients exist only when autograd will ask for them: under
+``torch.no_grad()`` (an evaluation loss) steps 1 and 2 run without a gradient.
 
-Precision. The loss is accumulated in float32. Each chunk's logit gradient is rounded to
-the logits' dtype, as unfused autograd rounds it. ``grad_weight`` is a sum over every row:
-accumulated in the weight's dtype it would be rounded once per chunk (in bfloat16, about
-sqrt(chunks) times the error of the unfused gradient, which is rounded once), so for
-16-bit weights it is accumulated in float32 (an extra V x H x 4 bytes while the op runs)
-and rounded once at the end. ``grad_hidden`` rows are each one matmul, rounded once.
+The gradients are made in the forward, multiplied by a prediction of ``grad_output``:
+the one the previous backward of the same call site saw (1 at first), read on the device
+as :mod:`liger_autopatch.ops.cross_entropy` does. The backward checks the prediction on
+the device and rescales only when it was wrong, so a steady ``grad_output`` (1, a loss
+scale) costs no pass over the gradients.
+
+Precision and memory. The loss is accumulated in float32, and each chunk's logit
+gradient is rounded to the logits' dtype, as unfused autograd rounds it. ``grad_hidden``
+rows are one matmul each, rounded once. ``grad_weight`` is a sum over all rows: for 16-bit
+weights it is accumulated in float32 (cuBLAS, 16-bit inputs) and rounded once at the end,
+so its error is unfused autograd's. Accumulated in bfloat16 instead it would be rounded
+once per chunk: on an H100 that measured 5-20% further from float64 than unfused autograd
+(bench/NOTES-flce.md). The price is memory: while the op runs it holds the float32
+accumulator and then the rounded gradient, about three times the weight gradient, and
+the chunk buffer is sized to fit under that peak.
 
 Where the Triton cross-entropy does not run (see
 :func:`~liger_autopatch.ops.cross_entropy.supports`: CPU without ``TRITON_INTERPRET=1``,
@@ -29,16 +39,19 @@ same semantics.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from liger_autopatch.ops.cross_entropy import cross_entropy, supports
+from liger_autopatch.ops import cross_entropy as ce
 
 __all__ = ["CHUNK_BYTES", "fused_linear_cross_entropy"]
 
-# Upper bound on the bytes of one chunk of logits (its gradient takes as much again).
-CHUNK_BYTES = 64 * 2**20
+# Upper bound on the bytes of the (chunk, V) logits buffer. Fewer, larger chunks mean
+# fewer passes over the float32 weight-gradient accumulator (bench/NOTES-flce.md).
+CHUNK_BYTES = 2**30
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -63,7 +76,8 @@ def fused_linear_cross_entropy(
     then ``softcap * tanh(logits / softcap)``. ``reduction`` is "mean" (over the rows whose
     target is not ``ignore_index``; NaN when there are none, as torch) or "sum";
     ``num_items_in_batch`` (int or 0-d tensor) makes it the sum divided by that count, as
-    transformers' ``fixed_cross_entropy`` does.
+    transformers' ``fixed_cross_entropy`` does. A target outside [0, V) that is not
+    ``ignore_index`` raises ``ValueError``.
 
     No (N, V) tensor is allocated where the Triton cross-entropy runs; elsewhere this is
     the plain torch computation.
@@ -76,87 +90,108 @@ def fused_linear_cross_entropy(
         )
     if not _triton_serves(hidden, weight, bias, target):
         return _torch_reference(
-            hidden,
-            weight,
-            target,
-            bias,
-            ignore_index,
-            reduction,
-            num_items_in_batch,
-            softcap,
-            logit_scale,
+            hidden, weight, target, bias, ignore_index, reduction, num_items_in_batch, softcap, logit_scale
         )
-    denominator = _denominator(target, ignore_index, reduction, num_items_in_batch, hidden.device)
-    transforms = {"softcap": softcap, "logit_scale": logit_scale, "ignore_index": ignore_index}
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    if not needs_grad:
-        return _loss_only(hidden, weight, bias, target, denominator, transforms)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, denominator, transforms)
+    logits_like = _logits_like(hidden, weight)
+    options = ce._Options(int(ignore_index), 0.0, softcap, logit_scale)
+    site = ce._call_site(sys._getframe(1), hidden.device) if needs_grad else None
+    check = ce._check_targets(logits_like, target, options, site)
+    denominator = ce._denominator(check.status[2], reduction, num_items_in_batch, hidden.device)
+    if needs_grad:
+        loss = _FusedLinearCrossEntropy.apply(
+            hidden, weight, bias, target, denominator, options, check.prediction, site
+        )
+    else:
+        loss = _chunks(hidden, weight, bias, target, denominator, options, None, None)
+    ce._read_check(check, logits_like, options, site)
+    return loss
+
+
+def _logits_like(hidden: Tensor, weight: Tensor) -> Tensor:
+    """A stand-in with the logits' shape, dtype and device and no memory of its own."""
+    return hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0])
 
 
 def _triton_serves(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> bool:
-    """Whether the chunks' logits go to the Triton kernels (asked of supports() with a
-    stand-in of the logits' shape, dtype and device that has no memory of its own)."""
+    """Whether the chunks' logits go to the Triton kernels."""
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         return False
-    logits_like = hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0])
-    return supports(logits_like, target)
+    return ce.supports(_logits_like(hidden, weight), target)
 
 
-def _denominator(
-    target: Tensor,
-    ignore_index: int,
-    reduction: str,
-    num_items_in_batch: int | Tensor | None,
-    device: torch.device,
-) -> Tensor | None:
-    """What the summed loss is divided by: ``num_items_in_batch``, the count of targets
-    that are not ignored ("mean"), or nothing ("sum"). A 0-d float32 tensor, no sync."""
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            return num_items_in_batch.to(device=device, dtype=torch.float32)
-        return torch.full((), float(num_items_in_batch), dtype=torch.float32, device=device)
-    if reduction == "mean":
-        return (target != ignore_index).sum().to(torch.float32)
-    return None
+def chunk_rows(n_rows: int, n_cols: int, element_size: int, weight_grad_bytes: int) -> int:
+    """Rows per chunk: as many as fit in :data:`CHUNK_BYTES` of logits and in the weight
+    gradient's size (so the buffer stays under the peak the accumulator sets), rounded
+    down to a multiple of 128 (the matmuls' tile) when that many fit; at least one."""
+    rows = min(CHUNK_BYTES, weight_grad_bytes) // (n_cols * element_size)
+    if rows >= 128:
+        rows -= rows % 128
+    return max(1, min(n_rows, rows))
 
 
-def chunk_rows(n_rows: int, n_cols: int, element_size: int) -> int:
-    """Rows per chunk: as many as fit in :data:`CHUNK_BYTES` of logits, at least one."""
-    return max(1, min(n_rows, CHUNK_BYTES // (n_cols * element_size)))
-
-
-def _chunk_loss(
-    logits: Tensor, target: Tensor, denominator: Tensor | None, transforms: dict
-) -> Tensor:
-    """This chunk's share of the loss: the sum of its rows over ``denominator``."""
-    return cross_entropy(
-        logits, target, reduction="sum", num_items_in_batch=denominator, **transforms
-    )
-
-
-def _loss_only(
+def _chunks(
     hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     target: Tensor,
     denominator: Tensor | None,
-    transforms: dict,
+    options: ce._Options,
+    prediction: Tensor | None,
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None] | None,
 ) -> Tensor:
-    """The loss alone, chunk by chunk, with no gradient work."""
-    step = chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size())
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    with torch.no_grad():
-        for start in range(0, hidden.shape[0], step):
-            logits = F.linear(hidden[start : start + step], weight, bias)
-            loss += _chunk_loss(logits, target[start : start + step], denominator, transforms)
-    return loss
+    """The loss, chunk by chunk; with ``grads`` = (hidden, weight, bias) buffers, also
+    ``prediction`` times the gradients, written into them (see the module docstring)."""
+    n_rows, n_vocab = hidden.shape[0], weight.shape[0]
+    step = chunk_rows(n_rows, n_vocab, hidden.element_size(), weight.numel() * weight.element_size())
+    buffer = hidden.new_empty(step, n_vocab)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden, grad_weight, grad_bias = grads if grads is not None else (None, None, None)
+    for start in range(0, n_rows, step):
+        rows = slice(start, start + step)
+        hidden_chunk = hidden[rows]
+        logits = buffer[: hidden_chunk.shape[0]]
+        if bias is None:
+            torch.mm(hidden_chunk, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, hidden_chunk, weight.t(), out=logits)
+        # With grads, the kernel overwrites the logits with their gradient.
+        row_losses, _ = ce._forward(
+            logits, target[rows], options, denominator, prediction,
+            grad=logits if grads is not None else None, store_lse=False,
+        )  # fmt: skip
+        total += row_losses.sum()
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[rows])
+        if grad_weight is not None:
+            _accumulate(grad_weight, logits.t(), hidden_chunk, first=start == 0)
+        if grad_bias is not None:
+            grad_bias += logits.sum(0, dtype=torch.float32)
+    # 0 / 0 is NaN, as torch's "mean" over no rows.
+    return total if denominator is None else total / denominator
+
+
+# torch >= 2.9: addmm(..., out_dtype=) multiplies 16-bit matrices into a float32 result.
+_HAS_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def _accumulate(total: Tensor, a: Tensor, b: Tensor, *, first: bool) -> None:
+    """``total = a @ b`` (first chunk) or ``total += a @ b``; ``total`` may be float32
+    while ``a`` and ``b`` are 16-bit."""
+    beta = 0 if first else 1  # beta 0: the uninitialised total is not read
+    if total.dtype == a.dtype:
+        torch.addmm(total, a, b, beta=beta, out=total)
+    elif total.is_cuda and _HAS_ADDMM_OUT_DTYPE:
+        # cuBLAS: 16-bit inputs, float32 accumulation into the float32 total, no copies.
+        torch.addmm(total, a, b, beta=beta, out_dtype=total.dtype, out=total)
+    else:  # CPU, or a torch without mixed-dtype addmm: float32 copies of the chunk
+        torch.addmm(total, a.to(total.dtype), b.to(total.dtype), beta=beta, out=total)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Loss in the forward together with the gradients; the backward scales them."""
+    """Loss in the forward together with the gradients; the backward checks the scale."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -166,40 +201,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         bias: Tensor | None,
         target: Tensor,
         denominator: Tensor | None,
-        transforms: dict,
+        options: ce._Options,
+        prediction: Tensor,
+        site: ce._CallSite,
     ) -> Tensor:
-        want_hidden, want_weight = hidden.requires_grad, weight.requires_grad
-        want_bias = bias is not None and bias.requires_grad
-        n_rows, n_vocab = hidden.shape[0], weight.shape[0]
-        step = chunk_rows(n_rows, n_vocab, hidden.element_size())
-        grad_hidden = hidden.new_empty(hidden.shape) if want_hidden else None
-        # 16-bit weights: accumulate in float32, round once (see the module docstring).
+        grad_hidden = hidden.new_empty(hidden.shape) if hidden.requires_grad else None
+        # 16-bit weights: a float32 accumulator, rounded once (see the module docstring).
         accumulator_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
-        grad_weight = torch.zeros_like(weight, dtype=accumulator_dtype) if want_weight else None
-        grad_bias = (
-            torch.zeros(n_vocab, dtype=torch.float32, device=hidden.device) if want_bias else None
-        )
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n_rows, step):
-            rows = slice(start, start + step)
-            hidden_chunk = hidden[rows]
-            logits = F.linear(hidden_chunk, weight, bias).requires_grad_()
-            with torch.enable_grad():
-                chunk_loss = _chunk_loss(logits, target[rows], denominator, transforms)
-                (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-            loss += chunk_loss.detach()
-            del logits, chunk_loss
-            if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[rows])
-            if grad_weight is not None:
-                _accumulate(grad_weight, grad_logits.t(), hidden_chunk)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        grad_weight = weight.new_empty(weight.shape, dtype=accumulator_dtype) if weight.requires_grad else None
+        want_bias = bias is not None and bias.requires_grad
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_bias else None
+        loss = _chunks(hidden, weight, bias, target, denominator, options, prediction, (grad_hidden, grad_weight, grad_bias))
         ctx.grads = (
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
             grad_bias.to(bias.dtype) if grad_bias is not None else None,
         )
+        ctx.prediction, ctx.site = prediction, site
         return loss
 
     @staticmethod
@@ -212,20 +230,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 "set LIGER_DISABLE=flce for models that need it"
             )
         del ctx.grads
-        # Scaled in place: these buffers are ours alone. Multiplying by 1 is exact.
-        scaled = tuple(g.mul_(grad_output) if g is not None else None for g in grads)
-        return (*scaled, None, None, None)
-
-
-def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
-    """``total += a @ b``, with ``total`` float32 while ``a`` and ``b`` may be 16-bit."""
-    if total.dtype == a.dtype:
-        total.addmm_(a, b)
-    elif total.is_cuda:
-        # cuBLAS: 16-bit inputs, float32 accumulation into the float32 total, no copies.
-        torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
-    else:  # CPU has no mixed-dtype addmm
-        total.addmm_(a.to(total.dtype), b.to(total.dtype))
+        for grad in grads:
+            if grad is not None:
+                # In place, on the device: nothing happens when the prediction was right.
+                ce._correct_gradient(grad.view(-1, grad.shape[-1]), grad_output, ctx.prediction, ctx.site)
+        return (*grads, None, None, None, None, None)
 
 
 def _torch_reference(
