@@ -8,11 +8,13 @@ Implementations (each skipped with the reason where its package is missing):
 * ``liger_kernel``: liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` (0.8.5);
 * ``cut_cross_entropy``: ``linear_cross_entropy(..., impl="cce")`` (25.1.1).
 
-Shapes (N, H, V) = (8192, 4096, 128256) and (16384, 2304, 256000), bf16, 10% of the
-targets ignored, ``loss.backward()`` with grad_output 1. Per row: median forward + backward
-time (``triton.testing.do_bench``), peak memory allocated beyond the inputs (the
-gradients of hidden and weight included: their size is given as ``grad_bytes``), and the
-floor 6*N*H*V FLOPs at the bf16 matmul rate measured in the same run (8192^3). Numerics:
+Shapes (N, H, V) = (8192, 4096, 128256) and (16384, 2304, 256000), the issue's, and
+(16384, 2048, 128256), the lm_head of bench/train.py's step; bf16, 10% of the targets
+ignored, ``loss.backward()`` with grad_output 1. Per row: median forward + backward time
+(``triton.testing.do_bench``), peak memory allocated beyond the inputs (the gradients of
+hidden and weight included: their size is given as ``grad_bytes``), the floor 6*N*H*V
+FLOPs at the bf16 matmul rate measured in the same run (8192^3), and the time of the
+three cuBLAS matmuls alone at the shape (``matmuls_alone_ms``). Numerics:
 relative 2-norm error of the loss and of both gradients against float64 over all rows
 (also for unfused bf16 autograd, the bar to meet).
 
@@ -37,7 +39,8 @@ import torch.nn.functional as F
 from liger_autopatch.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHAPES = ((8192, 4096, 128256), (16384, 2304, 256000))
+# The issue's two shapes, and the lm_head of bench/train.py's Llama-3.2-1B step.
+SHAPES = ((8192, 4096, 128256), (16384, 2304, 256000), (16384, 2048, 128256))
 SMALL_SHAPES = ((256, 64, 1024), (512, 32, 2048))
 IGNORED_FRACTION = 0.1
 
@@ -102,6 +105,17 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
     b = torch.randn(size, size, device=device, dtype=dtype)
     ms = median_ms(lambda: torch.mm(a, b), [], device)
     return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def matmuls_alone_ms(hidden: torch.Tensor, weight: torch.Tensor, device: str) -> float:
+    """The three matmuls of any unrecomputed design (logits, grad of hidden, grad of
+    weight) by cuBLAS on the whole batch at once, with no loss in between: what this
+    design cannot beat."""
+    with torch.no_grad():
+        logits = hidden @ weight.t()
+        return median_ms(
+            lambda: (hidden @ weight.t(), logits @ weight, logits.t() @ hidden), [], device
+        )
 
 
 def peak_extra_bytes(
@@ -190,6 +204,8 @@ def run_shape(
         "grad_bytes": (hidden.numel() + weight.numel()) * hidden.element_size(),
         "results": {},
     }
+    row["matmuls_alone_ms"] = matmuls_alone_ms(hidden, weight, device)
+    print(f"{shape} three cuBLAS matmuls alone: {row['matmuls_alone_ms']:.1f} ms", flush=True)
     exact = float64_reference(hidden, weight, target)
     row["unfused_bf16_error"] = errors_against_float64(
         lambda a, b, t: F.cross_entropy(F.linear(a, b).float(), t), hidden, weight, target, exact

@@ -42,21 +42,11 @@ def is_target_module(name: str) -> bool:
     return len(parts) == 4 and parts[3].startswith("modeling_")
 
 
-def _listed_names(variable: str) -> frozenset[str]:
-    names = {part.strip().lower() for part in os.environ.get(variable, "").split(",")}
-    names.discard("")
-    return frozenset(names - {"0", "false", "no", "off"})
-
-
 def disabled_names() -> frozenset[str]:
     """The lower-cased names listed in ``LIGER_DISABLE``; ``{"all"}`` when everything is off."""
-    names = _listed_names("LIGER_DISABLE")
-    return frozenset({"all"}) if names & _ALL else names
-
-
-def enabled_names() -> frozenset[str]:
-    """The families listed in ``LIGER_ENABLE``: the ones that are off by default."""
-    return _listed_names("LIGER_ENABLE")
+    names = {part.strip().lower() for part in os.environ.get("LIGER_DISABLE", "").split(",")}
+    names -= {"", "0", "false", "no", "off"}
+    return frozenset({"all"}) if names & _ALL else frozenset(names)
 
 
 def record_error(where: str, exc: BaseException) -> None:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
 
 from liger_autopatch import _bootstrap
-from liger_autopatch.targets import FAMILIES, OFF_BY_DEFAULT
+from liger_autopatch.targets import FAMILIES
 
 logger = logging.getLogger("liger_autopatch")
 logger.addHandler(logging.NullHandler())
@@ -121,14 +121,11 @@ def declare(target: str, family: str, detail: str) -> None:
 def disabled_reason(target: str, family: str) -> str | None:
     """Why this target stays as transformers has it, or None where it may be patched.
 
-    ``LIGER_DISABLE`` naming everything, the family, the target or its short name; or a
-    family that is off unless ``LIGER_ENABLE`` names it.
+    ``LIGER_DISABLE`` naming everything, the family, the target or its short name.
     """
     short_name = target.rsplit(".", 1)[-1].lower()
     if _bootstrap.disabled_names() & {"all", family.lower(), target.lower(), short_name}:
         return "LIGER_DISABLE"
-    if family in OFF_BY_DEFAULT and family not in _bootstrap.enabled_names():
-        return f"off by default; LIGER_ENABLE={family} turns it on"
     return None
 
 

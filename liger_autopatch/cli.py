@@ -125,7 +125,6 @@ def collect_status(probe: bool) -> dict[str, Any]:
     return {
         "enabled": finder and "all" not in disabled,
         "disabled": disabled,
-        "opted_in": sorted(_bootstrap.enabled_names()),
         "bootstrap": {
             "ran": _bootstrap.booted,
             "finder_installed": finder,
@@ -157,7 +156,6 @@ def _print_report(report: dict[str, Any]) -> None:
         print("    error:", error)
     disabled = report["disabled"]
     print("  LIGER_DISABLE:", ", ".join(disabled) if disabled else "(not set)")
-    print("  LIGER_ENABLE:", ", ".join(report["opted_in"]) or "(not set)")
     print()
     rows = report["targets"]
     width = max([len(row["target"]) for row in rows] + [6])
@@ -204,4 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="train a tiny model patched and unpatched, side by side")
     demo.set_defaults(handler=_demo)
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except BrokenPipeError:
+        # The reader went away (`status | head`): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -116,8 +116,10 @@ _MODELS = {
 }
 
 
-def build_model(model: str, device: str, dtype: Any) -> Any:
-    """The tiny model, with the same random weights in every process (seeded)."""
+def build_model(model: str, device: str, dtype: Any, weights_dtype: Any = None) -> Any:
+    """The tiny model, with the same random weights in every process (seeded); with
+    ``weights_dtype``, the weights are first rounded to it (a float32 reference for a
+    bfloat16 run starts from the same bfloat16 weights)."""
     import torch
     import transformers
 
@@ -127,7 +129,10 @@ def build_model(model: str, device: str, dtype: Any) -> Any:
         raise Unavailable(f"transformers {transformers.__version__} has no {class_name}")
     config = _configs()[config_name]()
     torch.manual_seed(0)
-    return model_class(config).to(device=device, dtype=dtype).eval()
+    model = model_class(config)
+    if weights_dtype is not None:
+        model = model.to(weights_dtype)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _accepts_loss_kwargs(model: Any) -> bool:
@@ -188,9 +193,11 @@ def model_inputs(model_name: str, model: Any, variant: str, device: str) -> dict
     }
 
 
-def run_case(model_name: str, variant: str, device: str, dtype: Any) -> dict[str, Any]:
+def run_case(
+    model_name: str, variant: str, device: str, dtype: Any, weights_dtype: Any = None
+) -> dict[str, Any]:
     """Loss and parameter gradients of one forward and backward."""
-    model = build_model(model_name, device, dtype)
+    model = build_model(model_name, device, dtype, weights_dtype)
     inputs = model_inputs(model_name, model, variant, device)
     loss = model(**inputs).loss
     loss.backward()
@@ -232,7 +239,9 @@ def patched_globals() -> list[str]:
     )
 
 
-def run_all(mode: str, device: str, dtype_name: str) -> dict[str, Any]:
+def run_all(
+    mode: str, device: str, dtype_name: str, weights_dtype_name: str | None = None
+) -> dict[str, Any]:
     """Every case of :data:`CASES`, patched (counting kernel calls) or as transformers has it.
 
     ``{"cases": {name: result}, "patched": patched_globals()}``.
@@ -246,11 +255,12 @@ def run_all(mode: str, device: str, dtype_name: str) -> dict[str, Any]:
         liger_autopatch.install()
         calls = _count_kernel_calls()
     dtype = getattr(torch, dtype_name)
+    weights_dtype = getattr(torch, weights_dtype_name) if weights_dtype_name else None
     results: dict[str, dict[str, Any]] = {}
     for name, model_name, variant in CASES:
         before = calls[0] if calls else 0
         try:
-            results[name] = run_case(model_name, variant, device, dtype)
+            results[name] = run_case(model_name, variant, device, dtype, weights_dtype)
         except Unavailable as reason:
             results[name] = {"unavailable": str(reason)}
             continue
@@ -264,11 +274,12 @@ def main() -> None:
     parser.add_argument("--mode", choices=("patched", "unpatched"), required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--weights-dtype", default=None, help="round the weights to this dtype first")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     import torch
 
-    torch.save(run_all(args.mode, args.device, args.dtype), args.out)
+    torch.save(run_all(args.mode, args.device, args.dtype, args.weights_dtype), args.out)
 
 
 if __name__ == "__main__":

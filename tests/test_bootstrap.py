@@ -305,7 +305,7 @@ def test_wheels_carry_the_startup_files_so_uninstall_removes_them(build, tmp_pat
     assert {"liger_autopatch.pth", "liger_autopatch.start"} <= listed
 
 
-def test_fused_linear_family_is_off_unless_liger_enable_names_it():
+def test_fused_linear_family_is_on_unless_liger_disable_names_it():
     code = """
     import json
     import transformers.models.llama.modeling_llama
@@ -313,6 +313,5 @@ def test_fused_linear_family_is_off_unless_liger_enable_names_it():
     rows = {row.target: [row.state, row.detail] for row in liger_autopatch.status()}
     print(json.dumps(rows["flce.LlamaForCausalLM"]))
     """
-    assert run_python(code, env={"LIGER_ENABLE": ""}) == ["disabled", "off by default; LIGER_ENABLE=flce turns it on"]
-    assert run_python(code, env={"LIGER_ENABLE": "flce"})[0] == "patched"
-    assert run_python(code, env={"LIGER_ENABLE": "flce", "LIGER_DISABLE": "flce"}) == ["disabled", "LIGER_DISABLE"]
+    assert run_python(code)[0] == "patched"
+    assert run_python(code, env={"LIGER_DISABLE": "flce"}) == ["disabled", "LIGER_DISABLE"]

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import liger_autopatch
 from liger_autopatch._registry import original_of
 from liger_autopatch.ops import fused_linear_cross_entropy as flce_op
 from liger_autopatch.ops.cross_entropy import cross_entropy
@@ -29,17 +28,12 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fused_path_on():
-    """For this module only: the flce family on (it is off by default: ``LIGER_ENABLE=flce``)
-    and, without CUDA, the Triton interpreter for the cross-entropy kernels."""
+def triton_interpreter():
+    """For this module only, without CUDA: the Triton interpreter runs the kernels."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LIGER_ENABLE", "flce")
         if not torch.cuda.is_available():
             patch.setenv("TRITON_INTERPRET", "1")
-        liger_autopatch.install()  # applies the family to the transformers modules imported so far
         yield
-    liger_autopatch.unpatch()  # and patch again as a default install does
-    liger_autopatch.install()
 
 RTOL = 1e-5
 VOCAB, HIDDEN = 256, 32

@@ -27,17 +27,23 @@ from tests._tiny_models import CASE_NAMES
 TINY_MODELS = Path(__file__).with_name("_tiny_models.py")
 
 
-def run_both(out_dir: Path, device: str, dtype: str, env: dict[str, str]) -> tuple[dict, dict]:
-    """Results of every case patched and unpatched, the two interpreters side by side."""
+def run_all(
+    out_dir: Path, device: str, dtype: str, env: dict[str, str], float32_reference: bool = False
+) -> list[dict]:
+    """Results of every case patched and unpatched, the interpreters side by side; with
+    ``float32_reference``, also unpatched in float32 from the same rounded weights."""
+    runs = {"patched": ("patched", dtype, []), "unpatched": ("unpatched", dtype, [])}
+    if float32_reference:
+        runs["reference"] = ("unpatched", "float32", ["--weights-dtype", dtype])
     children = {}
-    for mode in ("patched", "unpatched"):
+    for name, (mode, run_dtype, extra) in runs.items():
         child_env = {
             k: v for k, v in os.environ.items() if k not in ("LIGER_DISABLE", "TRITON_INTERPRET")
         }
         child_env.update(env)
         if mode == "unpatched":
             child_env["LIGER_DISABLE"] = "1"
-        out = out_dir / f"{mode}.pt"
+        out = out_dir / f"{name}.pt"
         command = [
             sys.executable,
             str(TINY_MODELS),
@@ -46,7 +52,8 @@ def run_both(out_dir: Path, device: str, dtype: str, env: dict[str, str]) -> tup
             "--device",
             device,
             "--dtype",
-            dtype,
+            run_dtype,
+            *extra,
         ]
         # Run outside the checkout: the child sees liger_autopatch as it is installed.
         child = subprocess.Popen(
@@ -57,13 +64,13 @@ def run_both(out_dir: Path, device: str, dtype: str, env: dict[str, str]) -> tup
             stderr=subprocess.PIPE,
             text=True,
         )
-        children[mode] = (child, out)
-    results = {}
-    for mode, (child, out) in children.items():
+        children[name] = (child, out)
+    results = []
+    for name, (child, out) in children.items():
         _, stderr = child.communicate(timeout=900)
-        assert child.returncode == 0, f"{mode} run failed:\n{stderr}"
-        results[mode] = torch.load(out)
-    return results["patched"], results["unpatched"]
+        assert child.returncode == 0, f"{name} run failed:\n{stderr}"
+        results.append(torch.load(out))
+    return results
 
 
 # One unit in the last place of a bfloat16 value, relative to it: at most 2**-7.
@@ -87,7 +94,9 @@ def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> 
     return difference / norm if norm else difference
 
 
-def check_case(case: str, patched: dict, unpatched: dict, rtol: float) -> None:
+def check_case(
+    case: str, patched: dict, unpatched: dict, rtol: float, reference: dict | None = None
+) -> None:
     """Loss and gradients of one case agree, and the patched run used our kernel.
 
     The gradient is that of all parameters together: the relative 2-norm error of the
@@ -99,6 +108,13 @@ def check_case(case: str, patched: dict, unpatched: dict, rtol: float) -> None:
     unpatched loss is a bfloat16 tensor computed from bfloat16 log-probabilities: it is
     off by up to one bfloat16 ulp, and so is its gradient. Ours accumulates in float32
     and rounds once, so there the two may differ by that ulp (2**-7 relative) instead.
+
+    With a float32 ``reference`` (the unpatched model in float32 from the same bfloat16
+    weights), a gradient difference beyond ``rtol`` is accepted only where the patched
+    gradient is no further from the reference than the unpatched one (10% slack: two
+    bfloat16 runs that differ only in rounding land about equally far from float32). The
+    difference is then bfloat16 rounding on transformers' side too (Gemma 2 soft-caps its
+    logits in bfloat16; our fused path does it in float32), not an error of ours.
     """
     expected, actual = unpatched["cases"][case], patched["cases"][case]
     if "unavailable" in expected:
@@ -118,37 +134,47 @@ def check_case(case: str, patched: dict, unpatched: dict, rtol: float) -> None:
             (actual["grads"][name] - expected["grads"][name]).abs().nan_to_num(0).max()
         ),
     )
+    if error > rtol and reference is not None:
+        exact = [reference["cases"][case]["grads"][name].double() for name in names]
+        ours = relative_error([g.double() for g in grads[0]], exact)
+        theirs = relative_error([g.double() for g in grads[1]], exact)
+        assert ours <= 1.1 * theirs, (
+            f"gradient: relative error {error:.3g} (largest difference in {worst}), and "
+            f"{ours:.3g} from float32 where unpatched bfloat16 is {theirs:.3g}"
+        )
+        return
     assert error <= rtol, f"gradient: relative error {error:.3g}, largest difference in {worst}"
 
 
 @pytest.fixture(scope="module")
-def cpu_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+def cpu_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """float32 on the CPU, our kernels under the Triton interpreter."""
-    return run_both(
+    return run_all(
         tmp_path_factory.mktemp("parity-cpu"), "cpu", "float32", {"TRITON_INTERPRET": "1"}
     )
 
 
-def test_the_reference_run_is_unpatched(cpu_results: tuple[dict, dict]) -> None:
+def test_the_reference_run_is_unpatched(cpu_results: list[dict]) -> None:
     patched, unpatched = cpu_results
     assert unpatched["patched"] == []
     assert "transformers.models.bert.modeling_bert.CrossEntropyLoss" in patched["patched"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_fp32_parity_on_cpu(case: str, cpu_results: tuple[dict, dict]) -> None:
+def test_fp32_parity_on_cpu(case: str, cpu_results: list[dict]) -> None:
     check_case(case, *cpu_results, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
-    """bfloat16 on the GPU: the model runs in bf16, the unpatched loss upcasts to fp32."""
+def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """bfloat16 on the GPU: the model runs in bf16, the unpatched loss upcasts to fp32;
+    and the float32 reference."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    return run_both(tmp_path_factory.mktemp("parity-gpu"), "cuda", "bfloat16", {})
+    return run_all(tmp_path_factory.mktemp("parity-gpu"), "cuda", "bfloat16", {}, float32_reference=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_bf16_parity_on_gpu(case: str, gpu_results: tuple[dict, dict]) -> None:
+def test_bf16_parity_on_gpu(case: str, gpu_results: list[dict]) -> None:
     check_case(case, *gpu_results, rtol=2e-3)

@@ -58,11 +58,6 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-# Families that patch nothing unless LIGER_ENABLE names them: correct, but not yet as fast
-# as what they replace.
-OFF_BY_DEFAULT: frozenset[str] = frozenset({"flce"})
-
-
 def families_for(module_name: str) -> list[Family]:
     """The families that patch the module called ``module_name``."""
     return [family for family in FAMILIES if family.matches(module_name)]
