@@ -177,4 +177,5 @@ def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_bf16_parity_on_gpu(case: str, gpu_results: list[dict]) -> None:
-    check_case(case, *gpu_results, rtol=2e-3)
+    patched, unpatched, reference = gpu_results
+    check_case(case, patched, unpatched, rtol=2e-3, reference=reference)
