@@ -10,8 +10,9 @@ import textwrap
 from typing import Any
 
 
-def run_python(code: str, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Any:
-    """Run ``code`` in a new interpreter; return the JSON it printed last.
+def run_python(code: str, *, env: dict[str, str] | None = None, argv: tuple[str, ...] = ()) -> Any:
+    """Run ``code`` in a new interpreter, ``argv`` as its ``sys.argv[1:]``; return the JSON
+    it printed last.
 
     The child inherits this environment minus ``LIGER_DISABLE`` (set it through ``env``)
     and runs outside the source tree, so it sees the package the way it is installed.
@@ -19,7 +20,7 @@ def run_python(code: str, *, env: dict[str, str] | None = None, args: tuple[str,
     child_env = {k: v for k, v in os.environ.items() if k != "LIGER_DISABLE"}
     child_env.update(env or {})
     result = subprocess.run(
-        [sys.executable, *args, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *argv],
         env=child_env,
         cwd=os.path.dirname(sys.executable),
         capture_output=True,

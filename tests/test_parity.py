@@ -111,10 +111,12 @@ def check_case(
 
     With a float32 ``reference`` (the unpatched model in float32 from the same bfloat16
     weights), a gradient difference beyond ``rtol`` is accepted only where the patched
-    gradient is no further from the reference than the unpatched one (10% slack: two
-    bfloat16 runs that differ only in rounding land about equally far from float32). The
-    difference is then bfloat16 rounding on transformers' side too (Gemma 2 soft-caps its
-    logits in bfloat16; our fused path does it in float32), not an error of ours.
+    gradient is about as close to the reference as the unpatched one (at most 10%
+    further): the two bfloat16 runs then differ by less than either differs from float32,
+    rounding on both sides rather than an error of ours. On the H100 this is Gemma 2
+    (its logits soft-capped in bfloat16 by transformers, in float32 by our fused path):
+    off from each other by 4.4e-3 to 5.9e-3, from float32 by 8.4e-3 to 1.0e-2 each, ours
+    1-4% further.
     """
     expected, actual = unpatched["cases"][case], patched["cases"][case]
     if "unavailable" in expected:
@@ -138,10 +140,12 @@ def check_case(
         exact = [reference["cases"][case]["grads"][name].double() for name in names]
         ours = relative_error([g.double() for g in grads[0]], exact)
         theirs = relative_error([g.double() for g in grads[1]], exact)
-        assert ours <= 1.1 * theirs, (
-            f"gradient: relative error {error:.3g} (largest difference in {worst}), and "
-            f"{ours:.3g} from float32 where unpatched bfloat16 is {theirs:.3g}"
+        explanation = (
+            f"{case}: gradient off by {error:.3g} (largest difference in {worst}); from float32: "
+            f"{ours:.3g} patched, {theirs:.3g} unpatched"
         )
+        assert ours <= 1.1 * theirs, explanation
+        print(explanation)  # shown with pytest -rA: which cases needed the reference
         return
     assert error <= rtol, f"gradient: relative error {error:.3g}, largest difference in {worst}"
 

@@ -16,25 +16,33 @@ from tests._subprocess import run_python
 pytest.importorskip("accelerate")
 
 TRAIN = """
-import json, tempfile
+import json, sys, tempfile
 import torch, transformers
+shape, device = sys.argv[1], sys.argv[2]
+sizes = {
+    "tiny": dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+}[shape]
+seq = 12 if shape == "tiny" else 1024
 torch.manual_seed(0)
-config = transformers.LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-model = transformers.LlamaForCausalLM(config)
+config = transformers.LlamaConfig(max_position_embeddings=seq, **sizes)
+with torch.device(device):  # a 1B model initialises in seconds on the GPU, a minute on the CPU
+    model = transformers.LlamaForCausalLM(config)
 micro_batch_losses = []
 model.register_forward_hook(lambda module, args, output: micro_batch_losses.append(output.loss.item()))
 rows = []
 for i in range(16):
-    ids = torch.randint(0, 384, (12,))
+    ids = torch.randint(0, config.vocab_size, (seq,))
     labels = ids.clone()
     labels[: 2 + i % 5] = -100  # uneven label counts: num_items_in_batch matters
     rows.append({"input_ids": ids, "labels": labels})
 with tempfile.TemporaryDirectory() as out:
     args = transformers.TrainingArguments(
         output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4,
-        learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-        dataloader_num_workers=0, seed=0,
+        learning_rate=1e-3 if shape == "tiny" else 1e-4, logging_steps=1, report_to=[],
+        use_cpu=device == "cpu", bf16=device == "cuda", save_strategy="no", dataloader_num_workers=0, seed=0,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
@@ -47,15 +55,34 @@ print(json.dumps({
 """
 
 
-def test_trainer_with_gradient_accumulation_matches_unpatched():
-    patched = run_python(TRAIN, env={"TRITON_INTERPRET": "1"})
-    plain = run_python(TRAIN, env={"TRITON_INTERPRET": "1", "LIGER_DISABLE": "1"})
+def _train_both(shape: str, device: str) -> tuple[dict, dict]:
+    env = {"TRITON_INTERPRET": "1"} if device == "cpu" else {}
+    patched = run_python(TRAIN, env=env, argv=(shape, device))
+    plain = run_python(TRAIN, env={**env, "LIGER_DISABLE": "1"}, argv=(shape, device))
     assert "loss_utils.ForCausalLMLoss" in patched["patched"]
+    assert "flce.LlamaForCausalLM" in patched["patched"]
     assert plain["patched"] == []
     assert len(patched["losses"]) == 8  # 4 steps x 2 accumulated micro-batches
+    return patched, plain
+
+
+def test_trainer_with_gradient_accumulation_matches_unpatched():
+    patched, plain = _train_both("tiny", "cpu")
     assert patched["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     # The updates, hence the gradients and their num_items_in_batch scaling, agree too.
     assert patched["weights"] == pytest.approx(plain["weights"], rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["tiny", "llama-3.2-1b"])
+def test_trainer_bf16_on_gpu_matches_unpatched(shape: str):
+    """bf16 mixed precision (Trainer's bf16=True: float32 weights, bf16 autocast), so
+    the losses agree within bf16 noise, which grows as the runs' weights drift apart."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    patched, plain = _train_both(shape, "cuda")
+    assert patched["losses"] == pytest.approx(plain["losses"], rel=2e-3)
 
 
 SFT_TRAIN = """
