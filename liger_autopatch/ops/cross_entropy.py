@@ -108,22 +108,22 @@ def cross_entropy(
         return _torch_cross_entropy(
             input, target, ignore_index, reduction, label_smoothing, num_items_in_batch, softcap, logit_scale
         )
-    options = _Options(int(ignore_index), float(label_smoothing), softcap, logit_scale)
+    options = Options(int(ignore_index), float(label_smoothing), softcap, logit_scale)
     if torch.compiler.is_compiling():
         rows, _ = torch.ops.liger_autopatch.cross_entropy_rows(
             input, target, options.ignore_index, options.label_smoothing, softcap, logit_scale
         )
         n_valid = (target != options.ignore_index).sum() if reduction == "mean" else None
-        return _reduce(rows, reduction, _denominator(n_valid, reduction, num_items_in_batch, input.device))
+        return _reduce(rows, reduction, loss_denominator(n_valid, reduction, num_items_in_batch, input.device))
 
     # Read before `input` is passed anywhere: references beyond a temporary argument's
     # mean the caller (or a wrapper) still holds the logits.
     only_our_reference = sys.getrefcount(input) <= _TEMPORARY_ARGUMENT_REFS
-    site = _call_site(sys._getframe(1), input.device)
-    check = _check_targets(input, target, options, site)
-    denominator = _denominator(check.status[2], reduction, num_items_in_batch, input.device)
+    site = call_site(sys._getframe(1), input.device)
+    check = check_targets(input, target, options, site)
+    denominator = loss_denominator(check.status[2], reduction, num_items_in_batch, input.device)
     if not (input.requires_grad and torch.is_grad_enabled()):
-        rows, _ = _forward(input, target, options, denominator, None, grad=None, store_lse=False)
+        rows, _ = run_forward_kernel(input, target, options, denominator, None, grad=None, store_lse=False)
         loss = _reduce(rows, reduction, denominator)
     else:
         # grad_output_steady is what the site's previous call read back.
@@ -132,12 +132,19 @@ def cross_entropy(
         loss = _CrossEntropy.apply(
             input, target, denominator, check.prediction, reduction, options, site, grad_in_forward, in_place
         )
-    _read_check(check, input, options, site)
+    read_check(check, input, options, site)
     return loss
 
 
+# ---------------------------------------------------------------------------------------
+# Building blocks. Names without a leading underscore are also used by the fused op
+# (ops/fused_linear_cross_entropy.py); they are not part of the package's API (__all__).
+
+
 @dataclass(frozen=True)
-class _Options:
+class Options:
+    """The loss's settings, as the kernels take them."""
+
     ignore_index: int
     label_smoothing: float
     softcap: float | None
@@ -145,7 +152,7 @@ class _Options:
 
 
 @dataclass
-class _CallSite:
+class CallSite:
     """What the backwards of one call site saw.
 
     The kernels keep it on the device, per device: float32 [last grad_output, 1 if it
@@ -164,14 +171,14 @@ class _CallSite:
         return self.states[device]
 
 
-_call_sites: dict[tuple[object, int], _CallSite] = {}
+_call_sites: dict[tuple[object, int], CallSite] = {}
 
 
-def _call_site(frame: FrameType, device: torch.device) -> _CallSite:
+def call_site(frame: FrameType, device: torch.device) -> CallSite:
     key = (frame.f_code, frame.f_lineno)
     site = _call_sites.get(key)
     if site is None:
-        site = _call_sites[key] = _CallSite()
+        site = _call_sites[key] = CallSite()
     site.state(device)
     return site
 
@@ -202,7 +209,7 @@ def _unobservable(t: Tensor) -> bool:
     )
 
 
-def _denominator(
+def loss_denominator(
     n_valid: Tensor | None, reduction: str, num_items_in_batch: int | Tensor | None, device: torch.device
 ) -> Tensor | None:
     """0-d tensor the summed loss is divided by (``n_valid``, the non-ignored count, for
@@ -303,7 +310,7 @@ def _grid(n_rows: int, device: torch.device, config: LaunchConfig) -> tuple[int]
     return (min(n_rows, _sm_counts[device] * config.programs_per_sm),)
 
 
-def _transform_args(options: _Options) -> dict[str, object]:
+def _transform_args(options: Options) -> dict[str, object]:
     return {
         "ignore_index": options.ignore_index,
         "label_smoothing": options.label_smoothing,
@@ -315,7 +322,7 @@ def _transform_args(options: _Options) -> dict[str, object]:
 
 
 @dataclass
-class _TargetCheck:
+class TargetCheck:
     """What check_targets_kernel left: int64 status [bad target, unsteady, non-ignored
     count] and the float32 grad_output prediction on the device, plus (CUDA) a pinned
     host copy of the status and the event after which that copy is complete."""
@@ -326,8 +333,8 @@ class _TargetCheck:
     copied: torch.cuda.Event | None
 
 
-def _check_targets(input: Tensor, target: Tensor, options: _Options, site: _CallSite | None) -> _TargetCheck:
-    """Launch the target check; its result is read by :func:`_read_check` once the loss
+def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSite | None) -> TargetCheck:
+    """Launch the target check; its result is read by :func:`read_check` once the loss
     kernel is queued behind it, so that the GPU never waits for the host."""
     n_rows, n_cols = input.shape
     status = torch.empty(3, dtype=torch.int64, device=input.device)
@@ -343,20 +350,20 @@ def _check_targets(input: Tensor, target: Tensor, options: _Options, site: _Call
             num_warps=4,
         )  # fmt: skip
     if not input.is_cuda or _no_host_reads(input):
-        return _TargetCheck(status, prediction, None, None)
+        return TargetCheck(status, prediction, None, None)
     host_status = torch.empty(3, dtype=torch.int64, pin_memory=True)
     with _on_device_of(input):
         host_status.copy_(status, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-    return _TargetCheck(status, prediction, host_status, copied)
+    return TargetCheck(status, prediction, host_status, copied)
 
 
 def _no_host_reads(input: Tensor) -> bool:
     return torch.compiler.is_compiling() or (input.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _read_check(check: _TargetCheck, input: Tensor, options: _Options, site: _CallSite | None) -> None:
+def read_check(check: TargetCheck, input: Tensor, options: Options, site: CallSite | None) -> None:
     """The forward's one device-to-host sync: it waits for the status copy only, not for
     the loss kernel. Raises on a target outside [0, V) that is not ignore_index, and
     updates the site's ``grad_output_steady`` (used by the site's next call).
@@ -380,10 +387,10 @@ def _read_check(check: _TargetCheck, input: Tensor, options: _Options, site: _Ca
         )
 
 
-def _forward(
+def run_forward_kernel(
     input: Tensor,
     target: Tensor,
-    options: _Options,
+    options: Options,
     denominator: Tensor | None,
     prediction: Tensor | None,
     *,
@@ -420,14 +427,14 @@ def _forward(
     return rows, lse
 
 
-def _backward(
+def run_backward_kernel(
     grad_output: Tensor,
     input: Tensor,
     target: Tensor,
     lse: Tensor,
-    options: _Options,
+    options: Options,
     denominator: Tensor | None,
-    site: _CallSite | None,
+    site: CallSite | None,
     grad: Tensor,
 ) -> Tensor:
     """grad = grad_output[row] / denominator * d loss_row / d input, written into ``grad``.
@@ -458,7 +465,7 @@ def _backward(
     return grad
 
 
-def _correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site: _CallSite) -> None:
+def correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site: CallSite) -> None:
     n_rows, n_cols = grad.shape
     config = launch_config(n_cols, grad.device)
     grid = _grid(n_rows, grad.device, config)
@@ -488,8 +495,8 @@ class _CrossEntropy(torch.autograd.Function):
         denominator: Tensor | None,
         prediction: Tensor,
         reduction: str,
-        options: _Options,
-        site: _CallSite,
+        options: Options,
+        site: CallSite,
         grad_in_forward: bool,
         in_place: bool,
     ) -> Tensor:
@@ -497,11 +504,11 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.site = site
         if grad_in_forward:
             grad = input if in_place else _fresh_gradient_buffer(input)
-            rows, _ = _forward(input, target, options, denominator, prediction, grad=grad, store_lse=False)
+            rows, _ = run_forward_kernel(input, target, options, denominator, prediction, grad=grad, store_lse=False)
             ctx.grad = grad
             ctx.prediction = prediction
         else:
-            rows, lse = _forward(input, target, options, denominator, None, grad=None, store_lse=True)
+            rows, lse = run_forward_kernel(input, target, options, denominator, None, grad=None, store_lse=True)
             # Held as an attribute, not saved: at backward time this lets us see whether
             # anyone else still holds the logits (then the gradient may overwrite them).
             ctx.logits = input
@@ -516,7 +523,7 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.grad_in_forward:
             grad = ctx.grad
             del ctx.grad
-            _correct_gradient(grad, grad_output, ctx.prediction, ctx.site)
+            correct_gradient(grad, grad_output, ctx.prediction, ctx.site)
             return (grad, *nones)
         logits = ctx.logits
         del ctx.logits
@@ -527,7 +534,7 @@ class _CrossEntropy(torch.autograd.Function):
         in_place = sys.getrefcount(logits) <= 2 and _unobservable(logits)
         grad = logits if in_place else _fresh_gradient_buffer(logits)
         site = ctx.site if grad_output.dim() == 0 else None
-        _backward(grad_output, logits, target, lse, ctx.options, denominator, site, grad)
+        run_backward_kernel(grad_output, logits, target, lse, ctx.options, denominator, site, grad)
         return (grad, *nones)
 
 
@@ -545,10 +552,10 @@ def _cross_entropy_rows(
     logit_scale: float | None,
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses (float32) and per-row log-sum-exp (base 2) for the backward."""
-    options = _Options(ignore_index, label_smoothing, softcap, logit_scale)
-    check = _check_targets(input, target, options, None)
-    rows, lse = _forward(input, target, options, None, None, grad=None, store_lse=True)
-    _read_check(check, input, options, None)
+    options = Options(ignore_index, label_smoothing, softcap, logit_scale)
+    check = check_targets(input, target, options, None)
+    rows, lse = run_forward_kernel(input, target, options, None, None, grad=None, store_lse=True)
+    read_check(check, input, options, None)
     assert lse is not None
     return rows, lse
 
@@ -578,8 +585,8 @@ def _cross_entropy_rows_backward(
     logit_scale: float | None,
 ) -> Tensor:
     """Gradient of sum(grad_rows * rows) with respect to the logits, in a fresh buffer."""
-    options = _Options(ignore_index, label_smoothing, softcap, logit_scale)
-    return _backward(grad_rows, input, target, lse, options, None, None, _fresh_gradient_buffer(input))
+    options = Options(ignore_index, label_smoothing, softcap, logit_scale)
+    return run_backward_kernel(grad_rows, input, target, lse, options, None, None, _fresh_gradient_buffer(input))
 
 
 @_cross_entropy_rows_backward.register_fake

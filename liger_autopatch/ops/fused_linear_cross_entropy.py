@@ -96,17 +96,17 @@ def fused_linear_cross_entropy(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     logits_like = _logits_like(hidden, weight)
-    options = ce._Options(int(ignore_index), 0.0, softcap, logit_scale)
-    site = ce._call_site(sys._getframe(1), hidden.device) if needs_grad else None
-    check = ce._check_targets(logits_like, target, options, site)
-    denominator = ce._denominator(check.status[2], reduction, num_items_in_batch, hidden.device)
+    options = ce.Options(int(ignore_index), 0.0, softcap, logit_scale)
+    site = ce.call_site(sys._getframe(1), hidden.device) if needs_grad else None
+    check = ce.check_targets(logits_like, target, options, site)
+    denominator = ce.loss_denominator(check.status[2], reduction, num_items_in_batch, hidden.device)
     if needs_grad:
         loss = _FusedLinearCrossEntropy.apply(
             hidden, weight, bias, target, denominator, options, check.prediction, site
         )
     else:
         loss = _chunks(hidden, weight, bias, target, denominator, options, None, None)
-    ce._read_check(check, logits_like, options, site)
+    ce.read_check(check, logits_like, options, site)
     return loss
 
 
@@ -138,7 +138,7 @@ def _chunks(
     bias: Tensor | None,
     target: Tensor,
     denominator: Tensor | None,
-    options: ce._Options,
+    options: ce.Options,
     prediction: Tensor | None,
     grads: tuple[Tensor | None, Tensor | None, Tensor | None] | None,
 ) -> Tensor:
@@ -158,7 +158,7 @@ def _chunks(
         else:
             torch.addmm(bias, hidden_chunk, weight.t(), out=logits)
         # With grads, the kernel overwrites the logits with their gradient.
-        row_losses, _ = ce._forward(
+        row_losses, _ = ce.run_forward_kernel(
             logits, target[rows], options, denominator, prediction,
             grad=logits if grads is not None else None, store_lse=False,
         )  # fmt: skip
@@ -201,9 +201,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         bias: Tensor | None,
         target: Tensor,
         denominator: Tensor | None,
-        options: ce._Options,
+        options: ce.Options,
         prediction: Tensor,
-        site: ce._CallSite,
+        site: ce.CallSite,
     ) -> Tensor:
         grad_hidden = hidden.new_empty(hidden.shape) if hidden.requires_grad else None
         # 16-bit weights: a float32 accumulator, rounded once (see the module docstring).
@@ -233,7 +233,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for grad in grads:
             if grad is not None:
                 # In place, on the device: nothing happens when the prediction was right.
-                ce._correct_gradient(grad.view(-1, grad.shape[-1]), grad_output, ctx.prediction, ctx.site)
+                ce.correct_gradient(grad.view(-1, grad.shape[-1]), grad_output, ctx.prediction, ctx.site)
         return (*grads, None, None, None, None, None)
 
 
