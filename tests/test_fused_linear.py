@@ -503,3 +503,35 @@ def test_routing_under_autocast_computes_in_autocast_dtype() -> None:
     scale = max(g.abs().max() for g in original_grads.values())
     for name, grad in fused_grads.items():
         _close(grad / scale, original_grads[name] / scale, f"grad of {name}", rtol=2e-2)
+
+
+def test_peft_lora_keeps_the_fused_path_unless_lm_head_is_adapted() -> None:
+    """A LoRA model whose lm_head is not adapted computes its loss on the fused path, with
+    the gradients of the adapters equal to the original forward's; adapting lm_head makes
+    it a PEFT layer, not an nn.Linear, and the ordinary path runs."""
+    peft = pytest.importorskip("peft")
+    input_ids, labels = _batch()
+    target = "flce.LlamaForCausalLM"
+    for adapted, expect_fused in ((["q_proj", "v_proj"], True), (["q_proj", "lm_head"], False)):
+        config = peft.LoraConfig(r=4, target_modules=adapted, init_lora_weights=False)
+        model = peft.get_peft_model(_model("llama"), config)
+        base = model.get_base_model()
+        before = fused_linear.routing().get(target, fused_linear.RoutingRecord())
+        fused_out, fused_grads = _loss_and_grads(
+            model, type(model).__call__, input_ids=input_ids, labels=labels
+        )
+        after = fused_linear.routing()[target]
+        if expect_fused:
+            assert isinstance(fused_out.logits, DeferredLogits)
+            assert after.fused == before.fused + 1
+        else:
+            assert type(fused_out.logits) is torch.Tensor
+            assert after.fell_back == before.fell_back + 1
+            assert "not torch.nn.Linear" in after.last_reason, after
+        original_out, original_grads = _loss_and_grads(
+            base, original_of(type(base).forward), input_ids=input_ids, labels=labels
+        )
+        _close(fused_out.loss.detach(), original_out.loss.detach(), "loss")
+        assert len(fused_grads) == len(original_grads) > 0
+        for grad, expected in zip(fused_grads.values(), original_grads.values()):
+            _close(grad, expected, "grad of an adapter")
