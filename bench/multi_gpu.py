@@ -6,9 +6,9 @@ Four runs, each ``torchrun --nproc_per_node <GPUs>`` of this file in worker mode
 {DDP, FSDP2 (``fully_shard`` per decoder layer, then the root)} x {liger_autopatch as
 installed, transformers as is (``LIGER_DISABLE=1``)}. The model is bench/train.py's
 Llama-3.2-1B shape; each rank trains on its own slice of the same random tokens, batch 4
-x 4096 per rank, fused AdamW, 3 warm-up steps and 5 timed. Each rank reports what
-``liger_autopatch.status()`` shows patched in its own interpreter (the ``.pth`` start-up
-hook ran there: nothing in this file imports or installs the package), the routing of
+x 4096 per rank, fused AdamW (lr 1e-4), 3 warm-up steps and 5 timed. After training,
+each rank reports what ``liger_autopatch.status()`` shows patched in its own interpreter
+(the ``.pth`` start-up hook patched it: nothing here installs the package), the routing of
 the fused linear cross-entropy, its peak memory and step time; the losses are averaged
 over the ranks. NVLink multicast stays off (``NCCL_NVLS_ENABLE=0`` and friends), as the
 device's rules ask.
@@ -24,9 +24,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from train import SEQ, llama_1b  # bench/ is this script's directory, first on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 WARMUP, TIMED = 3, 5
-BATCH, SEQ = 4, 4096  # per rank
+BATCH = 4  # rows of SEQ tokens per rank
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 RUNS = {
     ("ddp", "liger_autopatch"): {},
@@ -39,19 +41,12 @@ RUNS = {
 def _worker(parallelism: str, out: Path) -> None:
     import torch
     import torch.distributed as dist
-    import transformers
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=SEQ,
-        tie_word_embeddings=True, attn_implementation="sdpa",
-    )
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model = llama_1b()
+    config = model.config
     if parallelism == "ddp":
         trained = torch.nn.parallel.DistributedDataParallel(model)
     else:

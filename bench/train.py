@@ -36,9 +36,23 @@ VARIANTS = {
 }
 
 
-def _child(batch: int, steps: int) -> dict:
+def llama_1b():
+    """The Llama-3.2-1B-shaped model, random (seed 0), bf16, on the GPU."""
     import torch
     import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=SEQ,
+        tie_word_embeddings=True, attn_implementation="sdpa",
+    )
+    with torch.device("cuda"):  # initialised on the GPU: seconds instead of a minute on the CPU
+        return transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def _child(batch: int, steps: int) -> dict:
+    import torch
 
     liger = os.environ.get("BENCH_LIGER")
     if liger:
@@ -48,14 +62,8 @@ def _child(batch: int, steps: int) -> dict:
             rope=False, rms_norm=False, swiglu=False,
             cross_entropy=liger == "ce", fused_linear_cross_entropy=liger == "flce",
         )
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=SEQ,
-        tie_word_embeddings=True, attn_implementation="sdpa",
-    )
-    with torch.device("cuda"):  # initialised on the GPU: seconds instead of a minute on the CPU
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model = llama_1b()
+    config = model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     generator = torch.Generator(device="cuda").manual_seed(1)
     blocks = torch.randint(0, config.vocab_size, (steps, batch, PERIOD), device="cuda", generator=generator)
