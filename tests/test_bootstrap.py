@@ -260,6 +260,18 @@ def test_status_cli_json_and_exit_codes():
     assert all({"target", "state", "detail"} <= set(row) for row in report["targets"])
 
 
+def test_status_cli_stops_quietly_when_its_reader_goes_away():
+    """`status | head`: the reader closes the pipe before status writes; no traceback."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "liger_autopatch", "status", "--probe"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(sys.executable).parent,
+    )
+    child.stdout.close()  # before the child has started: its first write finds no reader
+    stderr = child.stderr.read()
+    assert child.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_status_cli_says_when_the_bootstrap_did_not_run(tmp_path):
     # `python -S` skips site-packages and its .pth files: point at the package by hand.
     import liger_autopatch
