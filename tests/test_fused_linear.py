@@ -213,7 +213,7 @@ def test_op_without_triton_is_the_torch_reference(monkeypatch: pytest.MonkeyPatc
 def test_op_bfloat16_gradients_are_as_precise_as_unfused() -> None:
     """Against float64: bf16 gradients no further off than unfused bf16 autograd's with the
     same cross-entropy op (matmul, then our cross_entropy on all the logits at once), which
-    rounds one matmul over all rows once. The weight gradient sums 24 chunks here.
+    rounds one matmul over all rows once. The weight gradient sums 12 chunks here.
 
     (The cross-entropy op is the same on both sides on purpose: the Triton interpreter
     stores float32 to bfloat16 by truncation, twice the error of the round-to-nearest of
