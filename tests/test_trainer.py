@@ -86,8 +86,9 @@ def test_trainer_bf16_on_gpu_matches_unpatched(shape: str):
 
 
 SFT_TRAIN = """
-import json, tempfile
+import json, sys, tempfile
 import torch, transformers
+device = sys.argv[1]
 from datasets import Dataset
 from tokenizers import Tokenizer, models
 from trl import SFTConfig, SFTTrainer
@@ -110,7 +111,8 @@ class KeepLogs(transformers.TrainerCallback):
 
 with tempfile.TemporaryDirectory() as out:
     args = SFTConfig(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
-                     learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0)
+                     learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=device == "cpu",
+                     bf16=device == "cuda", save_strategy="no", seed=0)
     SFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=dataset, callbacks=[KeepLogs()]).train()
 print(json.dumps(logged))
 """
@@ -118,8 +120,25 @@ print(json.dumps(logged))
 
 def test_trl_sft_trainer_losses_and_token_accuracy_match_unpatched():
     pytest.importorskip("trl")
-    patched = run_python(SFT_TRAIN, env={"TRITON_INTERPRET": "1"})
-    plain = run_python(SFT_TRAIN, env={"TRITON_INTERPRET": "1", "LIGER_DISABLE": "1"})
+    patched = run_python(SFT_TRAIN, env={"TRITON_INTERPRET": "1"}, argv=("cpu",))
+    plain = run_python(SFT_TRAIN, env={"TRITON_INTERPRET": "1", "LIGER_DISABLE": "1"}, argv=("cpu",))
     assert len(patched) == 3
     for ours, theirs in zip(patched, plain):
         assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_trl_sft_trainer_bf16_on_gpu_matches_unpatched():
+    """bf16 on the GPU: losses within bf16 noise; the token accuracy (an argmax over the
+    logits, which TRL reads from ``outputs.logits``, computed on demand by the fused
+    path) within one token in twenty, as an argmax may flip on a near tie."""
+    pytest.importorskip("trl")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    patched = run_python(SFT_TRAIN, argv=("cuda",))
+    plain = run_python(SFT_TRAIN, env={"LIGER_DISABLE": "1"}, argv=("cuda",))
+    assert len(patched) == 3
+    for ours, theirs in zip(patched, plain):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=2e-3)
+        assert ours["mean_token_accuracy"] == pytest.approx(theirs["mean_token_accuracy"], abs=0.05)
