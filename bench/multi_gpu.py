@@ -24,9 +24,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from train import SEQ, llama_1b  # bench/ is this script's directory, first on sys.path
+from train import SEQ, llama_1b, save_record  # bench/ is this script's directory, first on sys.path
 
-REPO = Path(__file__).resolve().parent.parent
 WARMUP, TIMED = 3, 5
 BATCH = 4  # rows of SEQ tokens per rank
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -130,10 +129,7 @@ def main() -> None:
         print(f"  {name:<26} {per_rank}\n  {'':<26} losses {losses}\n  {'':<26} routing {ranks[0]['routing']}")
     record = {"date": date.today().isoformat(), "gpu": gpu, "gpus": gpus, "torch": torch.__version__,
               "transformers": transformers.__version__, "batch_per_rank": BATCH, "seq": SEQ, "results": results}
-    out = REPO / "bench" / "results" / f"multi_gpu-{gpus}x{gpu.replace(' ', '_')}-{record['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print("saved", out.relative_to(REPO))
+    save_record(f"multi_gpu-{gpus}x{gpu.replace(' ', '_')}", record)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,12 @@ def main(search_largest: bool) -> None:
 
     record = {"date": date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
               "transformers": transformers.__version__, "batch": BATCH, "seq": SEQ, "results": results}
-    out = REPO / "bench" / "results" / f"train-{gpu.replace(' ', '_')}-{record['date']}.json"
+    save_record(f"train-{gpu.replace(' ', '_')}", record)
+
+
+def save_record(stem: str, record: dict) -> None:
+    """Write ``record`` to bench/results/<stem>-<record's date>.json."""
+    out = REPO / "bench" / "results" / f"{stem}-{record['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print("saved", out.relative_to(REPO))

@@ -27,7 +27,7 @@ from tests._tiny_models import CASE_NAMES
 TINY_MODELS = Path(__file__).with_name("_tiny_models.py")
 
 
-def run_all(
+def run_children(
     out_dir: Path, device: str, dtype: str, env: dict[str, str], float32_reference: bool = False
 ) -> list[dict]:
     """Results of every case patched and unpatched, the interpreters side by side; with
@@ -153,7 +153,7 @@ def check_case(
 @pytest.fixture(scope="module")
 def cpu_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """float32 on the CPU, our kernels under the Triton interpreter."""
-    return run_all(
+    return run_children(
         tmp_path_factory.mktemp("parity-cpu"), "cpu", "float32", {"TRITON_INTERPRET": "1"}
     )
 
@@ -175,7 +175,7 @@ def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     and the float32 reference."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    return run_all(tmp_path_factory.mktemp("parity-gpu"), "cuda", "bfloat16", {}, float32_reference=True)
+    return run_children(tmp_path_factory.mktemp("parity-gpu"), "cuda", "bfloat16", {}, float32_reference=True)
 
 
 @pytest.mark.gpu

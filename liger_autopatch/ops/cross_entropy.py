@@ -105,7 +105,7 @@ def cross_entropy(
     if num_items_in_batch is not None and reduction == "none":
         raise ValueError("num_items_in_batch divides a summed loss; it cannot be used with reduction='none'")
     if not supports(input, target):
-        return _torch_cross_entropy(
+        return torch_cross_entropy(
             input, target, ignore_index, reduction, label_smoothing, num_items_in_batch, softcap, logit_scale
         )
     options = Options(int(ignore_index), float(label_smoothing), softcap, logit_scale)
@@ -229,7 +229,7 @@ def _reduce(rows: Tensor, reduction: str, denominator: Tensor | None) -> Tensor:
     return total if denominator is None else total / denominator
 
 
-def _torch_cross_entropy(
+def torch_cross_entropy(
     input: Tensor,
     target: Tensor,
     ignore_index: int,

@@ -89,9 +89,11 @@ def fused_linear_cross_entropy(
             f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if not _triton_serves(hidden, weight, bias, target):
-        return _torch_reference(
-            hidden, weight, target, bias, ignore_index, reduction, num_items_in_batch, softcap, logit_scale
-        )
+        # The plain computation: all the logits at once, in float32, then torch's loss.
+        return ce.torch_cross_entropy(
+            F.linear(hidden, weight, bias).float(), target, ignore_index, reduction, 0.0,
+            num_items_in_batch, softcap, logit_scale,
+        )  # fmt: skip
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
@@ -235,28 +237,3 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 # In place, on the device: nothing happens when the prediction was right.
                 ce.correct_gradient(grad.view(-1, grad.shape[-1]), grad_output, ctx.prediction, ctx.site)
         return (*grads, None, None, None, None, None)
-
-
-def _torch_reference(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    num_items_in_batch: int | Tensor | None,
-    softcap: float | None,
-    logit_scale: float | None,
-) -> Tensor:
-    """The same function in plain torch ops (all the logits at once), float32 loss."""
-    logits = F.linear(hidden, weight, bias).float()
-    if logit_scale is not None:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
-    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
-    if isinstance(num_items_in_batch, Tensor):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
