@@ -148,10 +148,10 @@ def make_inputs(v: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 L = ce.LaunchConfig
-SWEEP = {
-    32000: [L(8192, 8, 4, 1, False), L(8192, 8, 4, 3, False), L(8192, 16, 2, 1, True), L(4096, 4, 4, 1, False)],
-    128256: [L(8192, 16, 2, 1, True), L(8192, 16, 2, 3, True), L(8192, 8, 2, 1, True), L(8192, 8, 4, 1, False)],
-    262144: [L(8192, 8, 2, 1, True), L(8192, 16, 2, 1, True), L(8192, 8, 2, 3, True), L(8192, 8, 4, 1, False)],
+SWEEP = {  # configurations of the forward kernel that writes the gradient
+    32000: [L(8192, 8, 4, False), L(8192, 8, 2, False), L(4096, 8, 4, False), L(32768, 32, 1, False)],
+    128256: [L(16384, 16, 1, False), L(16384, 16, 1, True), L(16384, 32, 1, False), L(8192, 16, 2, True)],
+    262144: [L(16384, 32, 1, True), L(16384, 32, 1, False), L(16384, 16, 1, True), L(8192, 8, 4, True)],
 }  # fmt: skip
 
 
@@ -167,7 +167,9 @@ def sweep(bandwidth: float) -> tuple[list[dict], dict[int, ce.LaunchConfig]]:
         floor_ms = 2 * N_TOKENS * v * 2 / bandwidth * 1e3
         run = candidates(logits, target, one, {})["liger_autopatch (temporary)"]
         for config in configs:
-            ce.launch_config = lambda n_cols, device, config=config: config
+            ce.launch_config = lambda n_cols, device, kernel_pass, config=config: (
+                config if kernel_pass == "loss_and_gradient" else default(n_cols, device, kernel_pass)
+            )
             try:
                 ms, _ = measure(run, rep=80)
             finally:
@@ -193,7 +195,9 @@ def main() -> None:
     sweep_results, best = sweep(bandwidth) if args.sweep else ([], {})
     default_config = ce.launch_config
     # With --sweep the table uses the fastest configuration found for each V.
-    ce.launch_config = lambda n_cols, device: best.get(n_cols) or default_config(n_cols, device)
+    ce.launch_config = lambda n_cols, device, kernel_pass: (
+        best[n_cols] if kernel_pass == "loss_and_gradient" and n_cols in best else default_config(n_cols, device, kernel_pass)
+    )
 
     rows = []
     for v in VOCABS:
@@ -224,14 +228,17 @@ def main() -> None:
             f"{r['extra_bytes'] / 2**30:.2f} GiB | {r['x_floor']:.2f} | {r['path']} |"
         )
     for v in VOCABS:
-        print(f"launch config V={v}: {ce.launch_config(v, torch.device('cuda'))}")
+        print(f"launch config V={v}: {ce.launch_config(v, torch.device('cuda'), 'loss_and_gradient')}")
     print("\nfloors (ms): " + ", ".join(f"V={v}: {2 * N_TOKENS * v * 2 / bandwidth * 1e3:.3f}" for v in VOCABS))
 
     date = datetime.date.today().isoformat()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"ce-{gpu.replace(' ', '_')}-{date}.json"
-    configs = {v: dataclasses.asdict(ce.launch_config(v, torch.device("cuda"))) for v in VOCABS}
+    configs = {
+        v: {p: dataclasses.asdict(ce.launch_config(v, torch.device("cuda"), p)) for p in ("loss_and_gradient", "loss", "gradient")}
+        for v in VOCABS
+    }
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": date,
             "copy_bandwidth_bytes_per_s": bandwidth, "n_tokens": N_TOKENS, "launch_configs": configs}  # fmt: skip
     path.write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep_results}, indent=1))

@@ -110,10 +110,25 @@ def test_matches_float64_reference(n, v, dtype, kwargs):
 
 @interpreter_only
 def test_gradient_pass_walking_rows_backwards(monkeypatch):
-    reverse = LaunchConfig(block=32, num_warps=1, programs_per_sm=1, stages=1, reverse=True)
-    monkeypatch.setattr(ce_module, "launch_config", lambda n_cols, device: reverse)
+    reverse = LaunchConfig(block=32, num_warps=1, programs_per_sm=1, reverse=True)
+    monkeypatch.setattr(ce_module, "launch_config", lambda n_cols, device, kernel_pass: reverse)
     logits, target = make_case(5, 150, torch.float32)
     check(logits, target, label_smoothing=0.1)
+
+
+@interpreter_only
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+# The interpreter evaluates the overflowing sum with numpy before the row is redone.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_rows_whose_max_lies_far_beyond_the_first_block(reduction):
+    # The max/sum pass sums exp2 against the first block's max; a later logit more than
+    # 64 / log2(e) above it would overflow that sum, so such rows take the rescaling loop.
+    # Row 0 crosses the threshold in its last block, row 1 stays just under it.
+    logits, target = make_case(4, 200, torch.float32, ignored=0.0)
+    logits[0, :64] -= 60.0
+    logits[0, 190] = 45.0
+    logits[1, :64] -= 40.0
+    check(logits, target, grad_outputs=(1.0, 0.5), reduction=reduction, label_smoothing=0.1)
 
 
 @interpreter_only

@@ -66,7 +66,6 @@ def _row_gradient(
     HAS_LOGIT_SCALE: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """Write ``scale * d loss / d z`` for one row, BLOCK columns at a time.
 
@@ -76,7 +75,7 @@ def _row_gradient(
     last_start = (N_COLS - 1) // BLOCK * BLOCK
     on_target = (1.0 - label_smoothing) * scale
     uniform = label_smoothing / N_COLS * scale
-    for i in tl.range(0, N_COLS, BLOCK, num_stages=STAGES):
+    for i in range(0, N_COLS, BLOCK):
         if REVERSE:
             start = last_start - i
         else:
@@ -89,6 +88,91 @@ def _row_gradient(
         g = tl.where(offs == target, g - on_target, g)
         g = _chain(g, x, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
         tl.store(out_row + offs * stride_out_col, g.to(out_row.dtype.element_ty), mask=mask, cache_modifier=".cs")
+
+
+@triton.jit
+def _row_max_sum_online(
+    logits_row,
+    stride_logits_col,
+    cols,
+    N_COLS: tl.constexpr,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """(max of x * log2(e), sum of exp2(x * log2(e) - max), sum of x) over one row, with
+    the running max and sum rescaled block by block (two block-wide reductions per block)."""
+    m2 = -float("inf")
+    s = 0.0
+    sum_x = 0.0
+    for start in range(0, N_COLS, BLOCK):
+        offs = start + cols
+        mask = offs < N_COLS
+        z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
+        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+        x2 = tl.where(mask, x * LOG2E, -float("inf"))
+        m2_new = tl.maximum(m2, tl.max(x2, axis=0))
+        # All -inf so far: keep the sum 0 instead of exp2(-inf - -inf) = NaN.
+        shift = tl.where(m2_new == -float("inf"), 0.0, m2_new)
+        s = s * tl.exp2(m2 - shift) + tl.sum(tl.exp2(x2 - shift), axis=0)
+        m2 = m2_new
+        if HAS_SMOOTHING:
+            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    return m2, s, sum_x
+
+
+@triton.jit
+def _row_max_sum(
+    logits_row,
+    stride_logits_col,
+    cols,
+    N_COLS: tl.constexpr,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """What _row_max_sum_online computes, with no block-wide reduction inside the loop.
+
+    Each lane sums exp2(x2 - shift) against one shift, the first block's max, and keeps
+    its own max; the lanes are reduced once at the end. With no barrier in the loop, a
+    program keeps loads in flight back to back. The fixed shift is exact scaling (the
+    sum is at least 1, since the row max is >= shift) unless the row max exceeds it by
+    more than 64 (exp2 could overflow): such rows take the online loop instead.
+    """
+    mask = cols < N_COLS
+    z = tl.load(logits_row + cols * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
+    x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+    x2 = tl.where(mask, x * LOG2E, -float("inf"))
+    first_max = tl.max(x2, axis=0)
+    shift = tl.where(first_max == -float("inf"), 0.0, first_max)
+    lane_sum = tl.exp2(x2 - shift)
+    lane_max = x2
+    lane_sum_x = tl.where(mask, x, 0.0)
+    for start in range(BLOCK, N_COLS, BLOCK):
+        offs = start + cols
+        mask = offs < N_COLS
+        z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
+        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+        x2 = tl.where(mask, x * LOG2E, -float("inf"))
+        lane_sum += tl.exp2(x2 - shift)
+        lane_max = tl.maximum(lane_max, x2)
+        if HAS_SMOOTHING:
+            lane_sum_x += tl.where(mask, x, 0.0)
+    m2 = tl.max(lane_max, axis=0)
+    s = tl.sum(lane_sum, axis=0) * tl.exp2(shift - tl.where(m2 == -float("inf"), 0.0, m2))
+    sum_x = tl.sum(lane_sum_x, axis=0)
+    if m2 - shift > 64.0:
+        m2, s, sum_x = _row_max_sum_online(
+            logits_row, stride_logits_col, cols, N_COLS, softcap, logit_scale,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK,
+        )  # fmt: skip
+    return m2, s, sum_x
 
 
 @triton.jit
@@ -178,7 +262,6 @@ def _forward_row(
     WRITE_GRAD: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     target = tl.load(target_ptr + row * stride_target).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
@@ -191,23 +274,10 @@ def _forward_row(
             _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
     else:
         in_range = (target >= 0) & (target < N_COLS)
-        # Pass 1: running max (base 2) and sum of exp2, block by block.
-        m2 = -float("inf")
-        s = 0.0
-        sum_x = 0.0
-        for start in tl.range(0, N_COLS, BLOCK, num_stages=STAGES):
-            offs = start + cols
-            mask = offs < N_COLS
-            z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
-            x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-            x2 = tl.where(mask, x * LOG2E, -float("inf"))
-            m2_new = tl.maximum(m2, tl.max(x2, axis=0))
-            # All -inf so far: keep the sum 0 instead of exp2(-inf - -inf) = NaN.
-            shift = tl.where(m2_new == -float("inf"), 0.0, m2_new)
-            s = s * tl.exp2(m2 - shift) + tl.sum(tl.exp2(x2 - shift), axis=0)
-            m2 = m2_new
-            if HAS_SMOOTHING:
-                sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        m2, s, sum_x = _row_max_sum(
+            logits_row, stride_logits_col, cols, N_COLS, softcap, logit_scale,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK,
+        )  # fmt: skip
         shift = tl.where(m2 == -float("inf"), 0.0, m2)
         lse2 = shift + tl.log2(s)
         safe_target = tl.where(in_range, target, 0)
@@ -224,7 +294,7 @@ def _forward_row(
             _row_gradient(
                 logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
                 target, lse2, scale, label_smoothing, softcap, logit_scale,
-                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK, STAGES,
+                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK,
             )
 
 
@@ -257,7 +327,6 @@ def cross_entropy_forward_kernel(
     HAS_DENOMINATOR: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """Per-row loss (unreduced, float32), optionally lse (base 2) and the gradient.
 
@@ -278,7 +347,7 @@ def cross_entropy_forward_kernel(
             row, logits_ptr, stride_logits_row, stride_logits_col, target_ptr, stride_target,
             loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
             cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK, STAGES,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK,
         )
         row += n_programs
 
@@ -310,7 +379,6 @@ def cross_entropy_backward_kernel(
     HAS_DENOMINATOR: tl.constexpr,
     HAS_SITE: tl.constexpr,
     BLOCK: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """grad[r] = grad_output[r] / denominator * d loss_r / d z[r]: one read, one write.
 
@@ -336,7 +404,7 @@ def cross_entropy_backward_kernel(
             _row_gradient(
                 logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col,
                 cols, N_COLS, target, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
-                logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK, STAGES,
+                logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK,
             )
         row += n_programs
 
@@ -353,7 +421,6 @@ def correct_gradient_kernel(
     N_COLS: tl.constexpr,
     n_programs,
     BLOCK: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """grad *= grad_output / prediction in place; nothing to do (decided on the device,
     no host sync) when the forward predicted grad_output right. Records grad_output in
@@ -370,7 +437,7 @@ def correct_gradient_kernel(
         row = pid.to(tl.int64)
         while row < n_rows:
             grad_row = grad_ptr + row * stride_grad_row
-            for start in tl.range(0, N_COLS, BLOCK, num_stages=STAGES):
+            for start in range(0, N_COLS, BLOCK):
                 offs = start + cols
                 mask = offs < N_COLS
                 ptrs = grad_row + offs * stride_grad_col

@@ -36,6 +36,7 @@ import sys
 import weakref
 from dataclasses import dataclass, field
 from types import FrameType, ModuleType
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -273,30 +274,39 @@ def _kernels() -> ModuleType:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block size (columns per step), warps per program, programs per SM, software
-    pipelining depth of the column loops (loads of later blocks in flight while one is
-    reduced), and whether the gradient pass of the forward kernel walks rows from their
-    end (the blocks read last by the max/sum pass are likeliest to be in L2)."""
+    """Block size (columns per step), warps per program, programs per SM, and whether the
+    gradient pass of the forward kernel walks rows from their end (the blocks read last
+    by the max/sum pass are likeliest to be in L2)."""
 
     block: int
     num_warps: int
     programs_per_sm: int
-    stages: int
     reverse: bool
 
 
-def launch_config(n_cols: int, device: torch.device) -> LaunchConfig:
-    """Launch parameters for rows of ``n_cols`` logits (bench/ce.py sweeps these)."""
+KernelPass = Literal["loss_and_gradient", "loss", "gradient"]
+
+
+def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) -> LaunchConfig:
+    """Launch parameters for rows of ``n_cols`` logits, per pass: the forward kernel
+    writing the gradient (read twice, write once), the forward kernel alone (read once),
+    and the gradient-only kernels (read once, write once). bench/ce.py sweeps these;
+    bench/NOTES-ce.md has the measurements behind them (H100)."""
     if device.type != "cuda":
         # Interpreter: small blocks so that the tests cover multi-block rows.
-        return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, stages=1, reverse=False)
-    # Fastest measured on an H100 (bench/NOTES-ce.md): 2-4 programs per SM keep enough
-    # loads in flight; for long rows, walking the gradient pass backwards finds more of
-    # the row still in L2.
+        return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, reverse=False)
     block = min(8192, 1 << (n_cols - 1).bit_length())
     if n_cols < 65536:
-        return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=4, stages=1, reverse=False)
-    return LaunchConfig(block=8192, num_warps=16 if n_cols < 196608 else 8, programs_per_sm=2, stages=1, reverse=True)
+        return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=4, reverse=False)
+    if kernel_pass == "loss_and_gradient":
+        # One program of 512-1024 threads per SM: few enough rows in flight that the
+        # gradient pass finds much of its row still in L2, enough loads to fill DRAM.
+        if n_cols < 196608:
+            return LaunchConfig(block=16384, num_warps=16, programs_per_sm=1, reverse=False)
+        return LaunchConfig(block=16384, num_warps=32, programs_per_sm=1, reverse=True)
+    if kernel_pass == "loss":
+        return LaunchConfig(block=4096, num_warps=8, programs_per_sm=4, reverse=False)
+    return LaunchConfig(block=8192, num_warps=16 if n_cols < 196608 else 8, programs_per_sm=2, reverse=True)
 
 
 _sm_counts: dict[torch.device, int] = {}
@@ -402,7 +412,7 @@ def run_forward_kernel(
     n_rows, n_cols = input.shape
     rows = torch.empty(n_rows, dtype=torch.float32, device=input.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=input.device) if store_lse else None
-    config = launch_config(n_cols, input.device)
+    config = launch_config(n_cols, input.device, "loss_and_gradient" if grad is not None else "loss")
     grad_buffer = grad if grad is not None else input
     grid = _grid(n_rows, input.device, config)
     with _on_device_of(input):
@@ -421,7 +431,6 @@ def run_forward_kernel(
             HAS_DENOMINATOR=grad is not None and denominator is not None,
             REVERSE=config.reverse,
             BLOCK=config.block,
-            STAGES=config.stages,
             num_warps=config.num_warps,
         )  # fmt: skip
     return rows, lse
@@ -442,7 +451,7 @@ def run_backward_kernel(
     ``grad_output`` is 0-d (reduced loss) or (N,) (per-row losses).
     """
     n_rows, n_cols = input.shape
-    config = launch_config(n_cols, input.device)
+    config = launch_config(n_cols, input.device, "gradient")
     grad_output = grad_output.to(torch.float32)
     grid = _grid(n_rows, input.device, config)
     with _on_device_of(input):
@@ -459,7 +468,6 @@ def run_backward_kernel(
             HAS_DENOMINATOR=denominator is not None,
             HAS_SITE=site is not None,
             BLOCK=config.block,
-            STAGES=config.stages,
             num_warps=config.num_warps,
         )  # fmt: skip
     return grad
@@ -467,7 +475,7 @@ def run_backward_kernel(
 
 def correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site: CallSite) -> None:
     n_rows, n_cols = grad.shape
-    config = launch_config(n_cols, grad.device)
+    config = launch_config(n_cols, grad.device, "gradient")
     grid = _grid(n_rows, grad.device, config)
     with _on_device_of(grad):
         _kernels().correct_gradient_kernel[grid](
@@ -475,7 +483,6 @@ def correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site
             grad_output.to(torch.float32), prediction, site.state(grad.device),
             n_rows, N_COLS=n_cols, n_programs=grid[0],
             BLOCK=config.block,
-            STAGES=config.stages,
             num_warps=config.num_warps,
         )  # fmt: skip
 
