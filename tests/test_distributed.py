@@ -1,0 +1,79 @@
+"""DDP and FSDP2 under torchrun, 2 ranks on the CPU (gloo), with no code change.
+
+The GPU runs of the same setups at the 1B shape are bench/multi_gpu.py's (BENCHMARKS.md).
+Here the kernels run through the Triton interpreter, and every rank must be patched by
+the ``.pth`` start-up hook alone, route lm_head + loss through the fused path where the
+weight stays gathered, and train to the same losses as transformers as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+
+
+def _torchrun(out: Path, extra_env: dict[str, str]) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LIGER_DISABLE", "TRITON_INTERPRET")}
+    env.update({"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", **extra_env})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        str(out),
+    ]
+    result = subprocess.run(
+        command, env=env, cwd=out.parent, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    scratch = tmp_path_factory.mktemp("torchrun")
+    patched = _torchrun(scratch / "patched.json", {})
+    plain = _torchrun(scratch / "plain.json", {"LIGER_DISABLE": "1"})
+    return patched, plain
+
+
+def test_every_rank_is_patched_by_the_startup_hook(runs):
+    patched, _ = runs
+    for rank in patched:
+        assert "loss_utils.ForCausalLMLoss" in rank["patched_targets"]
+        assert "flce.LlamaForCausalLM" in rank["patched_targets"]
+
+
+@pytest.mark.parametrize("setup", ["ddp", "fsdp2"])
+def test_fused_path_with_the_gathered_weight_matches_unpatched(runs, setup):
+    patched, plain = runs
+    for rank in patched:
+        assert rank[setup]["fused"] == 3 and rank[setup]["fell_back"] == 0, rank[setup]
+    assert patched[0][setup]["losses"] == pytest.approx(plain[0][setup]["losses"], rel=1e-5)
+
+
+def test_lm_head_in_its_own_fsdp2_unit_falls_back_to_the_same_losses(runs):
+    # FSDP2 frees lm_head's gathered weight when lm_head returns, before the loss runs:
+    # the fused path declines (a counted reason) and the ordinary path gives the loss.
+    patched, plain = runs
+    for rank in patched:
+        record = rank["fsdp2_lm_head_unit"]
+        assert record["fused"] == 0 and record["fell_back"] == 3, record
+        assert "FSDPLinear" in record["last_reason"]
+    assert patched[0]["fsdp2_lm_head_unit"]["losses"] == pytest.approx(
+        plain[0]["fsdp2_lm_head_unit"]["losses"], rel=1e-5
+    )
