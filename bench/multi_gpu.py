@@ -1,8 +1,8 @@
 """Several GPUs (issue 6, part 3): DDP and FSDP2 training under torchrun, with no code change.
 
-    python bench/multi_gpu.py      # on a host with 2+ GPUs; prints a table, writes bench/results/multi_gpu-*.json
+    python bench/multi_gpu.py [ddp|fsdp2 ...]   # on a host with 2+ GPUs; prints a table, writes bench/results/multi_gpu-*.json
 
-Four runs, each ``torchrun --nproc_per_node <GPUs>`` of this file in worker mode:
+Four runs (or those of the parallelisms named), each ``torchrun --nproc_per_node <GPUs>`` of this file in worker mode:
 {DDP, FSDP2 (``fully_shard`` per decoder layer, then the root)} x {liger_autopatch as
 installed, transformers as is (``LIGER_DISABLE=1``)}. The model is bench/train.py's
 Llama-3.2-1B shape; each rank trains on its own slice of the same random tokens, batch 4
@@ -28,7 +28,11 @@ from train import SEQ, llama_1b, save_record  # bench/ is this script's director
 
 WARMUP, TIMED = 3, 5
 BATCH = 4  # rows of SEQ tokens per rank
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+NO_MULTICAST = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 RUNS = {
     ("ddp", "liger_autopatch"): {},
     ("ddp", "transformers"): {"LIGER_DISABLE": "1"},
@@ -57,7 +61,9 @@ def _worker(parallelism: str, out: Path) -> None:
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, fused=True)
     generator = torch.Generator(device="cuda").manual_seed(1)
     steps = WARMUP + TIMED
-    tokens = torch.randint(0, config.vocab_size, (steps, world, BATCH, SEQ), device="cuda", generator=generator)
+    tokens = torch.randint(
+        0, config.vocab_size, (steps, world, BATCH, SEQ), device="cuda", generator=generator
+    )
     losses, times = [], []
     torch.cuda.reset_peak_memory_stats()
     for step in range(steps):
@@ -92,15 +98,25 @@ def _worker(parallelism: str, out: Path) -> None:
 
 def _launch(parallelism: str, extra_env: dict[str, str], gpus: int, out: Path) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "LIGER_DISABLE"} | NO_MULTICAST | extra_env
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
-               __file__, "--worker", parallelism, str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={gpus}",
+        __file__,
+        "--worker",
+        parallelism,
+        str(out),
+    ]
     run = subprocess.run(command, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         return [{"error": (run.stderr.strip().splitlines() or ["failed"])[-1]}]
-    return [json.loads(out.with_name(f"{out.name}-rank{rank}.json").read_text()) for rank in range(gpus)]
+    return [
+        json.loads(out.with_name(f"{out.name}-rank{rank}.json").read_text()) for rank in range(gpus)
+    ]
 
 
-def main() -> None:
+def main(parallelisms: list[str]) -> None:
     import tempfile
 
     import torch
@@ -112,10 +128,16 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for (parallelism, variant), extra_env in RUNS.items():
-            ranks = _launch(parallelism, extra_env, gpus, Path(scratch) / f"{parallelism}-{variant}")
+            if parallelisms and parallelism not in parallelisms:
+                continue
+            ranks = _launch(
+                parallelism, extra_env, gpus, Path(scratch) / f"{parallelism}-{variant}"
+            )
             results[f"{parallelism}, {variant}"] = ranks
     gpu = torch.cuda.get_device_name()
-    print(f"Llama-3.2-1B shape, {gpus} x {gpu}, batch {BATCH} x {SEQ} per rank, torch {torch.__version__}")
+    print(
+        f"Llama-3.2-1B shape, {gpus} x {gpu}, batch {BATCH} x {SEQ} per rank, torch {torch.__version__}"
+    )
     for name, ranks in results.items():
         if "error" in ranks[0]:
             print(f"  {name:<26} error: {ranks[0]['error']}")
@@ -126,14 +148,25 @@ def main() -> None:
             f"{len(r['patched'])} patched"
             for r in ranks
         )
-        print(f"  {name:<26} {per_rank}\n  {'':<26} losses {losses}\n  {'':<26} routing {ranks[0]['routing']}")
-    record = {"date": date.today().isoformat(), "gpu": gpu, "gpus": gpus, "torch": torch.__version__,
-              "transformers": transformers.__version__, "batch_per_rank": BATCH, "seq": SEQ, "results": results}
-    save_record(f"multi_gpu-{gpus}x{gpu.replace(' ', '_')}", record)
+        print(
+            f"  {name:<26} {per_rank}\n  {'':<26} losses {losses}\n  {'':<26} routing {ranks[0]['routing']}"
+        )
+    record = {
+        "date": date.today().isoformat(),
+        "gpu": gpu,
+        "gpus": gpus,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "batch_per_rank": BATCH,
+        "seq": SEQ,
+        "results": results,
+    }
+    subset = "-" + "+".join(parallelisms) if parallelisms else ""
+    save_record(f"multi_gpu-{gpus}x{gpu.replace(' ', '_')}{subset}", record)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         _worker(sys.argv[2], Path(sys.argv[3]))
     else:
-        main()
+        main(sys.argv[1:])

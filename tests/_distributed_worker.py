@@ -5,7 +5,9 @@
 Each rank trains the same tiny Llama three times, under DDP, under FSDP2 (``fully_shard``
 per decoder layer, then the root) and under FSDP2 with lm_head in a unit of its own, for
 a few SGD steps on its own slice of the same random tokens (the same slice every step,
-so that the loss falls and a wrong gradient would show in the next step's loss). Rank 0 writes, per setup, the
+so that the loss falls and a wrong gradient would show in the next step's loss). It
+reads ``outputs.logits`` after the first step's loss and after the second step's
+optimizer step. Rank 0 writes, per setup, the
 losses averaged over the ranks and, from every rank, how the fused linear cross-entropy
 routed its calls and what ``liger_autopatch.status()`` shows patched. Nothing here
 installs the package: with ``LIGER_DISABLE`` unset the ``.pth`` start-up hook has done it
@@ -73,16 +75,25 @@ def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
     trained = _wrap(setup, _model())
     optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
     losses = []
+    result: dict[str, Any] = {}
     for step in range(STEPS):
         batch = tokens[rank]
-        loss = trained(input_ids=batch, labels=batch).loss
+        outputs = trained(input_ids=batch, labels=batch)
+        loss = outputs.loss
+        if step == 0:  # read after the loss, as TRL's token accuracy does
+            result["logits_sum"] = outputs.logits.float().sum().item()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if step == 1:  # read after the optimizer step: too late where the forward deferred them
+            try:
+                result["logits_after_step"] = outputs.logits.float().sum().item()
+            except RuntimeError as exc:
+                result["logits_after_step"] = str(exc)
         mean = loss.detach().clone()
         dist.all_reduce(mean, op=dist.ReduceOp.SUM)
         losses.append(mean.item() / dist.get_world_size())
-    result: dict[str, Any] = {"losses": losses}
+    result["losses"] = losses
     if patched:
         after = _flce_routing()
         result["fused"] = after["fused"] - before["fused"]

@@ -35,6 +35,7 @@ def triton_interpreter():
             patch.setenv("TRITON_INTERPRET", "1")
         yield
 
+
 RTOL = 1e-5
 VOCAB, HIDDEN = 256, 32
 
@@ -408,6 +409,40 @@ def test_unmodelled_use_of_the_logits_falls_back_with_the_same_loss() -> None:
     _close(fused_out.loss.detach(), original_out.loss.detach(), "loss")
     for name, grad in fused_grads.items():
         _close(grad, original_grads[name], f"grad of {name}")
+
+
+def _hook_outputs_like_fsdp2(model: torch.nn.Module, seen: list) -> None:
+    """What FSDP2's post-forward does to a unit's outputs: look at ``_base`` and register
+    a gradient hook on each one that requires grad."""
+
+    def post_forward(module, args, output):
+        assert output._base is None
+        output.register_hook(lambda grad: seen.append(tuple(grad.shape)))
+
+    model.lm_head.register_forward_hook(post_forward)
+
+
+def test_gradient_hooks_on_lm_heads_output_keep_the_fused_path() -> None:
+    model = _model("llama")
+    seen: list = []
+    _hook_outputs_like_fsdp2(model, seen)
+    input_ids, labels = _batch()
+    _assert_routed_like_original(model, input_ids=input_ids, labels=labels)
+    # The fused loss sends no gradient through the logits; the original forward does.
+    assert seen == [(*input_ids.shape, VOCAB)]
+
+
+def test_gradient_hooks_on_lm_heads_output_fire_where_the_logits_are_made() -> None:
+    model = _model("llama")
+    seen: list = []
+    _hook_outputs_like_fsdp2(model, seen)
+    model.lm_head.register_forward_hook(lambda module, args, output: output + 0.5)
+    fell_back = (
+        fused_linear.routing().get("flce.LlamaForCausalLM", fused_linear.RoutingRecord()).fell_back
+    )
+    model(input_ids=_batch()[0], labels=_batch()[1]).loss.backward()
+    assert fused_linear.routing()["flce.LlamaForCausalLM"].fell_back == fell_back + 1
+    assert seen == [(*_batch()[0].shape, VOCAB)]
 
 
 def test_adapted_lm_head_falls_back() -> None:

@@ -22,14 +22,21 @@ The model keeps running its own forward. Three pieces route the loss around the 
   on ``logits.view(-1, V)`` themselves reach :func:`fused_cross_entropy_loss` through our
   ``CrossEntropyLoss`` global (:mod:`~liger_autopatch.targets.model_modules`).
 
+An lm_head that FSDP2's ``fully_shard`` made a unit of its own has its gathered weight
+released when it returns, before the loss: the loss (or reading the logits) gathers it
+again with FSDP's own ``unshard`` (:meth:`_LinearSource.gather`), and FSDP releases it
+after lm_head's backward as usual.
+
 What falls back, and why, is counted per target in :func:`routing`; errors inside this
 code are recorded as ``failed`` in ``status`` and the ordinary path runs.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +101,18 @@ def _count(target: str, *, fused: bool, reason: str = "") -> None:
 # The deferred logits.
 
 
+@dataclass(frozen=True)
+class _FsdpUnit:
+    """An lm_head that ``fully_shard`` made a unit of its own, seen before the forward:
+    FSDP2 gathers its weight for its forward and releases it when lm_head returns, before
+    the loss runs. ``params`` are its sharded parameters, ``versions`` their version
+    counters then (an optimizer step changes them)."""
+
+    module: torch.nn.Module
+    params: tuple[Tensor, ...]
+    versions: tuple[int, ...]
+
+
 @dataclass
 class _LinearSource:
     """What lm_head was called with, and the version counters to tell if it changed."""
@@ -103,15 +122,35 @@ class _LinearSource:
     bias: Tensor | None
     target: str
     versions: tuple[int, ...]
+    fsdp_unit: _FsdpUnit | None = None
     loss_fused: bool = False
+    regathered: bool = False
 
     def tensors(self) -> tuple[Tensor, ...]:
         return tuple(t for t in (self.hidden, self.weight, self.bias) if t is not None)
 
+    def gather(self) -> None:
+        """Make lm_head's weight (and bias) hold what its forward used again, where FSDP2
+        released them: FSDP's own ``unshard`` refills the same parameters. FSDP releases
+        them again after lm_head's backward (or its next forward), as it does when it
+        gathers them for that backward itself."""
+        if self.fsdp_unit is None or not self._released():
+            return
+        self.fsdp_unit.module.unshard()
+        self.regathered = True
+
+    def _released(self) -> bool:
+        return any(t.untyped_storage().size() == 0 and t.numel() > 0 for t in self.tensors())
+
     def check_unchanged(self) -> None:
         """Raise if the logits can no longer be computed as the forward would have."""
-        changed = tuple(t._version for t in self.tensors()) != self.versions
-        freed = any(t.untyped_storage().size() == 0 and t.numel() > 0 for t in self.tensors())
+        # Gathering again writes into the gathered weight (new versions); what an
+        # optimizer step changes then is the sharded parameters.
+        tensors = (self.hidden,) if self.regathered else self.tensors()
+        changed = tuple(t._version for t in tensors) != self.versions[: len(tensors)]
+        if self.fsdp_unit is not None:
+            changed |= tuple(p._version for p in self.fsdp_unit.params) != self.fsdp_unit.versions
+        freed = self._released()
         if changed or freed:
             raise RuntimeError(
                 "liger_autopatch: these logits were left uncomputed by the forward (fused "
@@ -152,6 +191,7 @@ _METADATA = {
         for name in (
             "shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_cpu",
             "layout", "is_leaf", "grad_fn", "is_meta", "is_sparse", "is_quantized", "is_nested",
+            "_base",
         )
     ),
     torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.nelement,
@@ -206,6 +246,7 @@ class DeferredLogits(torch.Tensor):
     _steps: tuple[_Step, ...]
     _rows_only: bool  # viewed as (N, V)
     _materialized: Tensor | None
+    _hooks: dict[int, Callable[[Tensor], Tensor | None]]  # gradient hooks, for the real logits
 
     @staticmethod
     def __new__(
@@ -231,6 +272,7 @@ class DeferredLogits(torch.Tensor):
         self._steps = steps
         self._rows_only = rows_only
         self._materialized = None
+        self._hooks = collections.OrderedDict()  # RemovableHandle holds it by weak reference
         return self
 
     def materialize(self) -> Tensor:
@@ -241,13 +283,30 @@ class DeferredLogits(torch.Tensor):
         """
         if self._materialized is None:
             source = self._source
+            source.gather()
             source.check_unchanged()
             with torch.autocast(source.hidden.device.type, enabled=False):
                 logits = F.linear(source.hidden, source.weight, source.bias)
             for step in self._steps:
                 logits = step.replay(logits)
+            for hook in self._hooks.values():
+                logits.register_hook(hook)
             self._materialized = logits
         return self._materialized
+
+    def _register_hook(
+        self, hook: Callable[[Tensor], Tensor | None]
+    ) -> torch.utils.hooks.RemovableHandle:
+        """``register_hook`` without computing the logits: the hook goes on the real
+        logits if they are ever made (a fused loss sends no gradient through them).
+        FSDP2 registers one on every output of a unit that requires grad."""
+        if self._materialized is not None:
+            return self._materialized.register_hook(hook)
+        if not self.requires_grad:
+            raise RuntimeError("cannot register a hook on a tensor that doesn't require gradient")
+        handle = torch.utils.hooks.RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
 
     def fused_transforms(self) -> tuple[float | None, float | None] | str:
         """``(logit_scale, softcap)`` that reproduce the recorded steps in the fused op, or
@@ -294,6 +353,8 @@ class DeferredLogits(torch.Tensor):
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        if func is torch.Tensor.register_hook and len(args) == 2 and not kwargs:
+            return args[0]._register_hook(args[1])
         recorded = _recordable(func, args, kwargs)
         if recorded is not None:
             deferred, step = recorded
@@ -316,6 +377,7 @@ class _DeferredHidden(torch.Tensor):
     """lm_head's input inside a wrapped forward: ``F.linear`` on it is deferred."""
 
     _target: str
+    _fsdp_unit: _FsdpUnit | None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -330,14 +392,21 @@ class _DeferredHidden(torch.Tensor):
             and len(args) in (2, 3)
             and isinstance(args[0], _DeferredHidden)
         ):
-            deferred = _defer_linear(*plain_args, target=args[0]._target)
+            deferred = _defer_linear(
+                *plain_args, target=args[0]._target, fsdp_unit=args[0]._fsdp_unit
+            )
             if deferred is not None:
                 return deferred
         return func(*plain_args, **plain_kwargs)
 
 
 def _defer_linear(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, target: str
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    target: str,
+    fsdp_unit: _FsdpUnit | None,
 ) -> Tensor | None:
     """The deferred ``F.linear(hidden, weight, bias)``, in the dtype autocast would give."""
     device_type = hidden.device.type
@@ -348,7 +417,9 @@ def _defer_linear(
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         return None  # F.linear itself raises on this
     tensors = tuple(t for t in (hidden, weight, bias) if t is not None)
-    source = _LinearSource(hidden, weight, bias, target, tuple(t._version for t in tensors))
+    source = _LinearSource(
+        hidden, weight, bias, target, tuple(t._version for t in tensors), fsdp_unit
+    )
     return DeferredLogits(source, (), hidden.dtype)
 
 
@@ -453,6 +524,7 @@ def _fused_or_reason(
     hidden = source.hidden.reshape(-1, source.hidden.shape[-1])
     if target.numel() != hidden.shape[0]:
         return f"{target.numel()} labels for {hidden.shape[0]} rows of logits"
+    source.gather()
     return fused_linear_cross_entropy(
         hidden,
         source.weight,
@@ -542,7 +614,8 @@ def _defer_lm_head(model: torch.nn.Module, target: str) -> torch.utils.hooks.Rem
         if reason:
             _count(target, fused=False, reason=reason)
             return None
-        return lm_head.register_forward_pre_hook(functools.partial(_defer_input, target))
+        hook = functools.partial(_defer_input, target, _fsdp_unit_of(lm_head))
+        return lm_head.register_forward_pre_hook(hook)
     except Exception as exc:
         record_failure(target, FAMILY, exc)
         return None
@@ -553,6 +626,11 @@ def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
     loss_function = getattr(model, "loss_function", None)
     if not (is_ours(loss_function) and original_of(loss_function).__name__ == "ForCausalLMLoss"):
         return f"its loss is {getattr(original_of(loss_function), '__name__', loss_function)!r}, not our ForCausalLMLoss"
+    if _fsdp_unit_of(lm_head) is not None:
+        # fully_shard subclasses the module's class: FSDPLinear(FSDPModule, Linear).
+        if type(lm_head).__bases__[1:] != (torch.nn.Linear,):
+            return f"lm_head is {type(lm_head).__name__}, not a sharded torch.nn.Linear"
+        return ""
     if type(lm_head) is not torch.nn.Linear:
         return f"lm_head is {type(lm_head).__name__}, not torch.nn.Linear (adapted, quantized or sharded)"
     weight = lm_head.weight
@@ -561,9 +639,23 @@ def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
     return ""
 
 
-def _defer_input(target: str, module: torch.nn.Module, args: tuple) -> tuple | None:
+def _fsdp_unit_of(lm_head: torch.nn.Module) -> _FsdpUnit | None:
+    """lm_head as an FSDP2 unit of its own, or None."""
+    # Never imported here: a process that has not imported it has no FSDP2 module.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is None or not isinstance(lm_head, fsdp_module):
+        return None
+    params = tuple(lm_head.parameters())
+    return _FsdpUnit(lm_head, params, tuple(p._version for p in params))
+
+
+def _defer_input(
+    target: str, fsdp_unit: _FsdpUnit | None, module: torch.nn.Module, args: tuple
+) -> tuple | None:
     if len(args) != 1 or type(args[0]) is not torch.Tensor:
         return None
     hidden = args[0].as_subclass(_DeferredHidden)
     hidden._target = target
+    hidden._fsdp_unit = fsdp_unit
     return (hidden,)
