@@ -1,9 +1,10 @@
 """Run by ``torchrun --nproc_per_node 2`` for tests/test_distributed.py (CPU, gloo).
 
-    torchrun --standalone --nproc_per_node 2 tests/_distributed_worker.py OUT.json
+    torchrun --standalone --nproc_per_node 2 tests/_distributed_worker.py OUT.json [SETUP ...]
 
-Each rank trains the same tiny Llama three times, under DDP, under FSDP2 (``fully_shard``
-per decoder layer, then the root) and under FSDP2 with lm_head in a unit of its own, for
+Each rank trains the same tiny Llama under each setup (by default DDP, FSDP2 with
+``fully_shard`` per decoder layer then the root, and FSDP2 with lm_head in a unit of its
+own; ``zero3`` is DeepSpeed ZeRO stage 3), for
 a few SGD steps on its own slice of the same random tokens (the same slice every step,
 so that the loss falls and a wrong gradient would show in the next step's loss). It
 reads ``outputs.logits`` after the first step's loss and after the second step's
@@ -25,6 +26,12 @@ import torch
 import torch.distributed as dist
 
 SETUPS = ("ddp", "fsdp2", "fsdp2_lm_head_unit")
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": 2,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "optimizer": {"type": "SGD", "params": {"lr": 1.0}},
+    "zero_allow_untested_optimizer": True,
+}
 STEPS = 3
 BATCH, SEQ, VOCAB = 2, 16, 320
 
@@ -72,8 +79,25 @@ def _flce_routing() -> dict[str, Any]:
 def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
     rank = dist.get_rank()
     before = _flce_routing() if patched else None
-    trained = _wrap(setup, _model())
-    optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
+    if setup == "zero3":
+        import deepspeed
+
+        model = _model()
+        trained, *_ = deepspeed.initialize(
+            model=model, config=ZERO3, model_parameters=model.parameters()
+        )
+        backward, step_optimizer = trained.backward, trained.step
+    else:
+        trained = _wrap(setup, _model())
+        optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
+
+        def backward(loss: torch.Tensor) -> None:
+            loss.backward()
+
+        def step_optimizer() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     losses = []
     result: dict[str, Any] = {}
     for step in range(STEPS):
@@ -82,9 +106,8 @@ def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
         loss = outputs.loss
         if step == 0:  # read after the loss, as TRL's token accuracy does
             result["logits_sum"] = outputs.logits.float().sum().item()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        backward(loss)
+        step_optimizer()
         if step == 1:  # read after the optimizer step: too late where the forward deferred them
             try:
                 result["logits_after_step"] = outputs.logits.float().sum().item()
@@ -102,12 +125,12 @@ def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
     return result
 
 
-def main(out: str) -> None:
+def main(out: str, setups: tuple[str, ...]) -> None:
     dist.init_process_group("gloo")
     patched = os.environ.get("LIGER_DISABLE") != "1"
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (dist.get_world_size(), BATCH, SEQ), generator=generator)
-    report: dict[str, Any] = {setup: _train(setup, tokens, patched) for setup in SETUPS}
+    report: dict[str, Any] = {setup: _train(setup, tokens, patched) for setup in setups}
     if patched:
         import liger_autopatch
 
@@ -123,7 +146,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tuple(sys.argv[2:]) or SETUPS)
     # The interpreter's teardown after gloo sometimes aborts ("terminate called without
     # an active exception"), in about one run in three under pytest, with or without
     # liger_autopatch (LIGER_DISABLE=1 too): torch's, not what this test checks. The

@@ -1,4 +1,4 @@
-"""DDP and FSDP2 under torchrun, 2 ranks on the CPU (gloo), with no code change.
+"""DDP, FSDP2 and DeepSpeed ZeRO-3 under torchrun, 2 ranks on the CPU (gloo), no code change.
 
 The GPU runs of the same setups at the 1B shape are bench/multi_gpu.py's (BENCHMARKS.md).
 Here the kernels run through the Triton interpreter, and every rank must be patched by
@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 
 
-def _torchrun(out: Path, extra_env: dict[str, str]) -> list[dict]:
+def _torchrun(out: Path, extra_env: dict[str, str], setups: tuple[str, ...] = ()) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("LIGER_DISABLE", "TRITON_INTERPRET")}
     env.update({"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", **extra_env})
     command = [
@@ -33,6 +33,7 @@ def _torchrun(out: Path, extra_env: dict[str, str]) -> list[dict]:
         "--nproc_per_node=2",
         str(WORKER),
         str(out),
+        *setups,
     ]
     result = subprocess.run(
         command, env=env, cwd=out.parent, capture_output=True, text=True, timeout=900, check=False
@@ -80,3 +81,28 @@ def test_outputs_logits_after_a_fused_loss(runs, setup):
             assert "before the optimizer step" in late
         else:
             assert late == pytest.approx(theirs[setup]["logits_after_step"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
+    pytest.importorskip("deepspeed")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    scratch = tmp_path_factory.mktemp("zero3")
+    patched = _torchrun(scratch / "patched.json", {}, ("zero3",))
+    plain = _torchrun(scratch / "plain.json", {"LIGER_DISABLE": "1"}, ("zero3",))
+    return patched, plain
+
+
+def test_zero3_falls_back_to_the_same_losses(zero3_runs):
+    # ZeRO-3 releases lm_head's weight after its forward and runs lm_head's output through
+    # its own autograd functions, which need the real logits: the ordinary path runs.
+    patched, plain = zero3_runs
+    for rank in patched:
+        record = rank["zero3"]
+        assert record["fused"] == 0 and record["fell_back"] == 3, record
+        assert "sharded" in record["last_reason"]
+    assert patched[0]["zero3"]["losses"] == pytest.approx(plain[0]["zero3"]["losses"], rel=1e-5)
+    assert patched[0]["zero3"]["logits_sum"] == pytest.approx(
+        plain[0]["zero3"]["logits_sum"], rel=1e-5
+    )
