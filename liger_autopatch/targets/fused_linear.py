@@ -112,6 +112,11 @@ class _FsdpUnit:
     params: tuple[Tensor, ...]
     versions: tuple[int, ...]
 
+    @classmethod
+    def before_forward(cls, module: torch.nn.Module) -> _FsdpUnit:
+        params = tuple(module.parameters())
+        return cls(module, params, tuple(p._version for p in params))
+
 
 @dataclass
 class _LinearSource:
@@ -614,8 +619,8 @@ def _defer_lm_head(model: torch.nn.Module, target: str) -> torch.utils.hooks.Rem
         if reason:
             _count(target, fused=False, reason=reason)
             return None
-        hook = functools.partial(_defer_input, target, _fsdp_unit_of(lm_head))
-        return lm_head.register_forward_pre_hook(hook)
+        fsdp_unit = _FsdpUnit.before_forward(lm_head) if _is_fsdp2_unit(lm_head) else None
+        return lm_head.register_forward_pre_hook(functools.partial(_defer_input, target, fsdp_unit))
     except Exception as exc:
         record_failure(target, FAMILY, exc)
         return None
@@ -626,7 +631,7 @@ def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
     loss_function = getattr(model, "loss_function", None)
     if not (is_ours(loss_function) and original_of(loss_function).__name__ == "ForCausalLMLoss"):
         return f"its loss is {getattr(original_of(loss_function), '__name__', loss_function)!r}, not our ForCausalLMLoss"
-    if _fsdp_unit_of(lm_head) is not None:
+    if _is_fsdp2_unit(lm_head):
         # fully_shard subclasses the module's class: FSDPLinear(FSDPModule, Linear).
         if type(lm_head).__bases__[1:] != (torch.nn.Linear,):
             return f"lm_head is {type(lm_head).__name__}, not a sharded torch.nn.Linear"
@@ -639,15 +644,12 @@ def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
     return ""
 
 
-def _fsdp_unit_of(lm_head: torch.nn.Module) -> _FsdpUnit | None:
-    """lm_head as an FSDP2 unit of its own, or None."""
-    # Never imported here: a process that has not imported it has no FSDP2 module.
+def _is_fsdp2_unit(module: torch.nn.Module) -> bool:
+    """Whether ``fully_shard`` made ``module`` a unit of its own."""
+    # Looked up, never imported: a process that has not imported it has no FSDP2 unit.
     fsdp = sys.modules.get("torch.distributed.fsdp")
     fsdp_module = getattr(fsdp, "FSDPModule", None)
-    if fsdp_module is None or not isinstance(lm_head, fsdp_module):
-        return None
-    params = tuple(lm_head.parameters())
-    return _FsdpUnit(lm_head, params, tuple(p._version for p in params))
+    return fsdp_module is not None and isinstance(module, fsdp_module)
 
 
 def _defer_input(
