@@ -7,7 +7,6 @@ CUDA and run the compiled kernels at real sizes.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
