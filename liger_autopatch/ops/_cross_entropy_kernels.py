@@ -91,6 +91,26 @@ def _row_gradient(
 
 
 @triton.jit
+def _load_block(
+    logits_row,
+    stride_logits_col,
+    offs,
+    N_COLS: tl.constexpr,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+):
+    """One block of a row for the max/sum pass: the transformed logits x (float32), x in
+    base 2 with -inf past the row's end, and the mask of columns inside the row. Loaded
+    to stay in L2 for the gradient pass that reads the row again."""
+    mask = offs < N_COLS
+    z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
+    x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+    return x, tl.where(mask, x * LOG2E, -float("inf")), mask
+
+
+@triton.jit
 def _row_max_sum_online(
     logits_row,
     stride_logits_col,
@@ -109,11 +129,9 @@ def _row_max_sum_online(
     s = 0.0
     sum_x = 0.0
     for start in range(0, N_COLS, BLOCK):
-        offs = start + cols
-        mask = offs < N_COLS
-        z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
-        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-        x2 = tl.where(mask, x * LOG2E, -float("inf"))
+        x, x2, mask = _load_block(
+            logits_row, stride_logits_col, start + cols, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE
+        )
         m2_new = tl.maximum(m2, tl.max(x2, axis=0))
         # All -inf so far: keep the sum 0 instead of exp2(-inf - -inf) = NaN.
         shift = tl.where(m2_new == -float("inf"), 0.0, m2_new)
@@ -145,21 +163,18 @@ def _row_max_sum(
     sum is at least 1, since the row max is >= shift) unless the row max exceeds it by
     more than 64 (exp2 could overflow): such rows take the online loop instead.
     """
-    mask = cols < N_COLS
-    z = tl.load(logits_row + cols * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
-    x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-    x2 = tl.where(mask, x * LOG2E, -float("inf"))
+    x, x2, mask = _load_block(
+        logits_row, stride_logits_col, cols, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE
+    )
     first_max = tl.max(x2, axis=0)
     shift = tl.where(first_max == -float("inf"), 0.0, first_max)
     lane_sum = tl.exp2(x2 - shift)
     lane_max = x2
     lane_sum_x = tl.where(mask, x, 0.0)
     for start in range(BLOCK, N_COLS, BLOCK):
-        offs = start + cols
-        mask = offs < N_COLS
-        z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
-        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-        x2 = tl.where(mask, x * LOG2E, -float("inf"))
+        x, x2, mask = _load_block(
+            logits_row, stride_logits_col, start + cols, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE
+        )
         lane_sum += tl.exp2(x2 - shift)
         lane_max = tl.maximum(lane_max, x2)
         if HAS_SMOOTHING:
