@@ -2,17 +2,17 @@
 
     torchrun --standalone --nproc_per_node 2 tests/_distributed_worker.py OUT.json [SETUP ...]
 
-Each rank trains the same tiny Llama under each setup (by default DDP, FSDP2 with
+Each rank trains the same tiny Llama under each setup: by default DDP, FSDP2 with
 ``fully_shard`` per decoder layer then the root, and FSDP2 with lm_head in a unit of its
-own; ``zero3`` is DeepSpeed ZeRO stage 3), for
-a few SGD steps on its own slice of the same random tokens (the same slice every step,
-so that the loss falls and a wrong gradient would show in the next step's loss). It
-reads ``outputs.logits`` after the first step's loss and after the second step's
-optimizer step. Rank 0 writes, per setup, the
-losses averaged over the ranks and, from every rank, how the fused linear cross-entropy
-routed its calls and what ``liger_autopatch.status()`` shows patched. Nothing here
-installs the package: with ``LIGER_DISABLE`` unset the ``.pth`` start-up hook has done it
-in every rank; with ``LIGER_DISABLE=1`` liger_autopatch is never imported.
+own, released after its forward or kept gathered; ``zero3`` is DeepSpeed ZeRO stage 3.
+Each runs a few SGD steps on the rank's own slice of the same random tokens (the same
+slice every step, so that the loss falls and a wrong gradient would show in the next
+step's loss), and reads ``outputs.logits`` after the first step's loss and after the
+second step's optimizer step. Rank 0 writes, per setup, the losses averaged over the
+ranks and, from every rank, how the fused linear cross-entropy routed its calls and what
+``liger_autopatch.status()`` shows patched. Nothing here installs the package: with
+``LIGER_DISABLE`` unset the ``.pth`` start-up hook has done it in every rank; with
+``LIGER_DISABLE=1`` liger_autopatch is never imported.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-SETUPS = ("ddp", "fsdp2", "fsdp2_lm_head_unit")
+SETUPS = ("ddp", "fsdp2", "fsdp2_lm_head_unit", "fsdp2_lm_head_unit_kept")
 ZERO3 = {
     "train_micro_batch_size_per_gpu": 2,
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -62,6 +62,8 @@ def _wrap(setup: str, model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(layer)
     if setup == "fsdp2_lm_head_unit":
         fully_shard(model.lm_head)
+    elif setup == "fsdp2_lm_head_unit_kept":  # gathered from lm_head's forward to its backward
+        fully_shard(model.lm_head, reshard_after_forward=False)
     return fully_shard(model)
 
 

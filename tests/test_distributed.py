@@ -59,7 +59,7 @@ def test_every_rank_is_patched_by_the_startup_hook(runs):
         assert "flce.LlamaForCausalLM" in rank["patched_targets"]
 
 
-@pytest.mark.parametrize("setup", ["ddp", "fsdp2", "fsdp2_lm_head_unit"])
+@pytest.mark.parametrize("setup", ["ddp", "fsdp2", "fsdp2_lm_head_unit", "fsdp2_lm_head_unit_kept"])
 def test_fused_path_with_the_gathered_weight_matches_unpatched(runs, setup):
     # fsdp2_lm_head_unit: FSDP2 releases lm_head's gathered weight when lm_head returns,
     # before the loss; the loss gathers it again with FSDP's own unshard.
@@ -69,7 +69,7 @@ def test_fused_path_with_the_gathered_weight_matches_unpatched(runs, setup):
     assert patched[0][setup]["losses"] == pytest.approx(plain[0][setup]["losses"], rel=1e-5)
 
 
-@pytest.mark.parametrize("setup", ["ddp", "fsdp2", "fsdp2_lm_head_unit"])
+@pytest.mark.parametrize("setup", ["ddp", "fsdp2", "fsdp2_lm_head_unit", "fsdp2_lm_head_unit_kept"])
 def test_outputs_logits_after_a_fused_loss(runs, setup):
     patched, plain = runs
     for ours, theirs in zip(patched, plain):
