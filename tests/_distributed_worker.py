@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _tiny_models import VOCAB_SIZE, llama_like_config  # this script's folder is on sys.path
 
 SETUPS = ("ddp", "fsdp2", "fsdp2_lm_head_unit", "fsdp2_lm_head_unit_kept")
 ZERO3 = {
@@ -33,23 +34,15 @@ ZERO3 = {
     "zero_allow_untested_optimizer": True,
 }
 STEPS = 3
-BATCH, SEQ, VOCAB = 2, 16, 320
+BATCH, SEQ = 2, 16
 
 
 def _model() -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,  # an lm_head unit of its own cannot share its weight
-    )
+    # An lm_head unit of its own cannot share its weight with the embedding.
+    config = llama_like_config("LlamaConfig", tie_word_embeddings=False)
     return transformers.LlamaForCausalLM(config)
 
 
@@ -131,7 +124,7 @@ def main(out: str, setups: tuple[str, ...]) -> None:
     dist.init_process_group("gloo")
     patched = os.environ.get("LIGER_DISABLE") != "1"
     generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, VOCAB, (dist.get_world_size(), BATCH, SEQ), generator=generator)
+    tokens = torch.randint(0, VOCAB_SIZE, (dist.get_world_size(), BATCH, SEQ), generator=generator)
     report: dict[str, Any] = {setup: _train(setup, tokens, patched) for setup in setups}
     if patched:
         import liger_autopatch

@@ -53,7 +53,8 @@ class Unavailable(Exception):
     """This transformers has no such model, or its forward takes no such argument."""
 
 
-def _llama_like(config_class: str, **extra: Any) -> Any:
+def llama_like_config(config_class: str, **extra: Any) -> Any:
+    """A tiny config of a Llama-shaped family (also tests/_distributed_worker.py's model)."""
     import transformers
 
     return getattr(transformers, config_class)(
@@ -75,10 +76,10 @@ def _configs() -> dict[str, Callable[[], Any]]:
     import transformers
 
     return {
-        "llama": lambda: _llama_like("LlamaConfig"),
-        "mistral": lambda: _llama_like("MistralConfig"),
-        "qwen2": lambda: _llama_like("Qwen2Config"),
-        "gemma2": lambda: _llama_like(
+        "llama": lambda: llama_like_config("LlamaConfig"),
+        "mistral": lambda: llama_like_config("MistralConfig"),
+        "qwen2": lambda: llama_like_config("Qwen2Config"),
+        "gemma2": lambda: llama_like_config(
             "Gemma2Config", head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=3.0
         ),
         "gpt2": lambda: transformers.GPT2Config(
