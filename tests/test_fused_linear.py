@@ -238,6 +238,46 @@ def test_op_bfloat16_gradients_are_as_precise_as_unfused() -> None:
         )
 
 
+class _OutputShapes(TorchDispatchMode):
+    """Records (dtype, shape) of every op's tensor outputs that own memory of that size
+    (not the expanded stand-ins the op makes for the logits' shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[torch.dtype, tuple[int, ...]]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= t.numel() * t.element_size():
+                self.seen.add((t.dtype, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("n_rows", [2 * HIDDEN, 2 * HIDDEN + 1])
+def test_op_bfloat16_one_chunk_where_the_accumulator_would_be_larger(n_rows: int) -> None:
+    """bf16 logits of up to 2 rows per hidden unit take no more memory than a float32
+    weight-gradient accumulator: then one chunk of all rows and no accumulator; one row
+    more, and the op is chunked with the accumulator. Gradients stay as precise as the
+    unfused computation's either way."""
+    hidden, weight, _, target = _inputs(n_rows=n_rows, dtype=torch.bfloat16, seed=2)
+    _, (exact_hidden, exact_weight) = _reference(hidden, weight, None, target)
+    with _OutputShapes() as shapes:
+        fused_linear_cross_entropy(hidden, weight, target).backward()
+    one_chunk = n_rows <= 2 * HIDDEN
+    assert ((torch.bfloat16, (n_rows, VOCAB)) in shapes.seen) == one_chunk
+    assert ((torch.float32, (VOCAB, HIDDEN)) in shapes.seen) == (not one_chunk)
+    fused = (hidden.grad.double(), weight.grad.double())
+    hidden.grad = weight.grad = None
+    cross_entropy(F.linear(hidden, weight), target).backward()
+    for what, exact, ours, theirs in zip(
+        ("hidden", "weight"), (exact_hidden, exact_weight), fused, (hidden.grad.double(), weight.grad.double())
+    ):
+        our_error = (ours - exact).norm() / exact.norm()
+        their_error = (theirs - exact).norm() / exact.norm()
+        assert our_error <= 1.05 * their_error, f"grad of {what}: {our_error:.3g} vs unfused {their_error:.3g}"
+
+
 # ---------------------------------------------------------------------------------------
 # Routing on tiny models
 

@@ -24,12 +24,16 @@ scale) costs no pass over the gradients.
 Precision and memory. The loss is accumulated in float32, and each chunk's logit
 gradient is rounded to the logits' dtype, as unfused autograd rounds it. ``grad_hidden``
 rows are one matmul each, rounded once. ``grad_weight`` is a sum over all rows: for 16-bit
-weights it is accumulated in float32 (cuBLAS, 16-bit inputs) and rounded once at the end,
-so its error is unfused autograd's. Accumulated in bfloat16 instead it would be rounded
-once per chunk: on an H100 that measured 5-20% further from float64 than unfused autograd
-(bench/NOTES-flce.md). The price is memory: while the op runs it holds the float32
-accumulator and then the rounded gradient, about three times the weight gradient, and
-the chunk buffer is sized to fit under that peak.
+weights and several chunks it is accumulated in float32 (cuBLAS, 16-bit inputs) and
+rounded once at the end, so its error is unfused autograd's. Accumulated in bfloat16
+instead it would be rounded once per chunk: on an H100 that measured 5-20% further from
+float64 than unfused autograd (bench/NOTES-flce.md). The price is memory: while the op
+runs it holds the float32 accumulator and then the rounded gradient, about three times
+the weight gradient, and the chunk buffer is sized to fit under that peak. When the
+logits of all rows take no more memory than that float32 accumulator (at most two rows
+per hidden unit for 16-bit weights: large models, short batches), the op runs one chunk
+instead: ``grad_weight`` is then one matmul over all rows, rounded once, with no
+accumulator, no rounding pass and no larger peak (bench/NOTES-flce.md).
 
 Where the Triton cross-entropy does not run (see
 :func:`~liger_autopatch.ops.cross_entropy.supports`: CPU without ``TRITON_INTERPRET=1``,
@@ -107,7 +111,8 @@ def fused_linear_cross_entropy(
             hidden, weight, bias, target, denominator, options, check.prediction, site
         )
     else:
-        loss = _chunks(hidden, weight, bias, target, denominator, options, None, None)
+        step = chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(), weight.numel() * weight.element_size())
+        loss = _chunks(hidden, weight, bias, target, step, denominator, options, None, None)
     ce.read_check(check, logits_like, options, site)
     return loss
 
@@ -124,10 +129,17 @@ def _triton_serves(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: 
     return ce.supports(_logits_like(hidden, weight), target)
 
 
-def chunk_rows(n_rows: int, n_cols: int, element_size: int, weight_grad_bytes: int) -> int:
-    """Rows per chunk: as many as fit in :data:`CHUNK_BYTES` of logits and in the weight
-    gradient's size (so the buffer stays under the peak the accumulator sets), rounded
-    down to a multiple of 128 (the matmuls' tile) when that many fit; at least one."""
+def chunk_rows(
+    n_rows: int, n_cols: int, element_size: int, weight_grad_bytes: int, accumulator_bytes: int = 0
+) -> int:
+    """Rows per chunk. All of them when their logits take no more memory than
+    ``accumulator_bytes``, the float32 weight-gradient accumulator that several chunks
+    would need (one chunk needs none). Otherwise as many as fit in :data:`CHUNK_BYTES` of
+    logits and in the weight gradient's size (so the buffer stays under the peak the
+    accumulator sets), rounded down to a multiple of 128 (the matmuls' tile) when that
+    many fit; at least one."""
+    if n_rows * n_cols * element_size <= accumulator_bytes:
+        return n_rows
     rows = min(CHUNK_BYTES, weight_grad_bytes) // (n_cols * element_size)
     if rows >= 128:
         rows -= rows % 128
@@ -139,15 +151,15 @@ def _chunks(
     weight: Tensor,
     bias: Tensor | None,
     target: Tensor,
+    step: int,
     denominator: Tensor | None,
     options: ce.Options,
     prediction: Tensor | None,
     grads: tuple[Tensor | None, Tensor | None, Tensor | None] | None,
 ) -> Tensor:
-    """The loss, chunk by chunk; with ``grads`` = (hidden, weight, bias) buffers, also
-    ``prediction`` times the gradients, written into them (see the module docstring)."""
+    """The loss, ``step`` rows at a time; with ``grads`` = (hidden, weight, bias) buffers,
+    also ``prediction`` times the gradients, written into them (see the module docstring)."""
     n_rows, n_vocab = hidden.shape[0], weight.shape[0]
-    step = chunk_rows(n_rows, n_vocab, hidden.element_size(), weight.numel() * weight.element_size())
     buffer = hidden.new_empty(step, n_vocab)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden, grad_weight, grad_bias = grads if grads is not None else (None, None, None)
@@ -208,12 +220,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         site: ce.CallSite,
     ) -> Tensor:
         grad_hidden = hidden.new_empty(hidden.shape) if hidden.requires_grad else None
-        # 16-bit weights: a float32 accumulator, rounded once (see the module docstring).
-        accumulator_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
+        # 16-bit weights over several chunks: a float32 accumulator, rounded once (see the
+        # module docstring). Where it would be needed, one chunk may use its memory instead.
+        n_rows, n_vocab = hidden.shape[0], weight.shape[0]
+        accumulator_bytes = weight.numel() * 4 if weight.requires_grad and weight.element_size() < 4 else 0
+        step = chunk_rows(n_rows, n_vocab, hidden.element_size(), weight.numel() * weight.element_size(), accumulator_bytes)
+        accumulator_dtype = torch.float32 if accumulator_bytes and step < n_rows else weight.dtype
         grad_weight = weight.new_empty(weight.shape, dtype=accumulator_dtype) if weight.requires_grad else None
         want_bias = bias is not None and bias.requires_grad
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_bias else None
-        loss = _chunks(hidden, weight, bias, target, denominator, options, prediction, (grad_hidden, grad_weight, grad_bias))
+        loss = _chunks(
+            hidden, weight, bias, target, step, denominator, options, prediction, (grad_hidden, grad_weight, grad_bias)
+        )
         ctx.grads = (
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
