@@ -90,6 +90,8 @@ def check(logits, target, grad_outputs=(1.0,), loss_rtol=1e-5, grad_tol=None, **
         (8, 300, torch.float32, {}),
         (1, 300, torch.float32, {}),
         (5, 40, torch.float32, {"reduction": "sum"}),  # V smaller than a block
+        (3, 64, torch.float32, {"label_smoothing": 0.1}),  # V one block exactly
+        (4, 256, torch.bfloat16, {"label_smoothing": 0.1}),  # whole blocks only, no tail
         (7, 300, torch.bfloat16, {"reduction": "none"}),
         (6, 130, torch.float16, {"label_smoothing": 0.1}),
         (6, 130, torch.float32, {"label_smoothing": 0.2, "reduction": "sum"}),
@@ -108,10 +110,11 @@ def test_matches_float64_reference(n, v, dtype, kwargs):
 
 
 @interpreter_only
-def test_gradient_pass_walking_rows_backwards(monkeypatch):
+@pytest.mark.parametrize("v", [150, 128], ids=["with_tail", "whole_blocks"])
+def test_gradient_pass_walking_rows_backwards(monkeypatch, v):
     reverse = LaunchConfig(block=32, num_warps=1, programs_per_sm=1, reverse=True)
     monkeypatch.setattr(ce_module, "launch_config", lambda n_cols, device, kernel_pass: reverse)
-    logits, target = make_case(5, 150, torch.float32)
+    logits, target = make_case(5, v, torch.float32)
     check(logits, target, label_smoothing=0.1)
 
 
@@ -181,6 +184,14 @@ def test_bad_target_raises_naming_it(bad):
     target[3] = bad
     with pytest.raises(ValueError, match=rf"target {bad} is outside \[0, 100\)"):
         cross_entropy(logits.requires_grad_(), target)
+
+
+@interpreter_only
+def test_bad_targets_name_the_first_row_with_one():
+    logits, target = make_case(150, 100, torch.float32)  # rows over three blocks of the check
+    target[130], target[70] = -5, 1000
+    with pytest.raises(ValueError, match=r"target 1000 is outside"):
+        cross_entropy(logits, target)
 
 
 @interpreter_only

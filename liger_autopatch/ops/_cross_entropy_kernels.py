@@ -49,6 +49,39 @@ def _chain(g, x, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_LOGIT_SCAL
 
 
 @triton.jit
+def _gradient_block(
+    in_row,
+    stride_in_col,
+    out_row,
+    stride_out_col,
+    offs,
+    N_COLS: tl.constexpr,
+    lse2,
+    scale,
+    uniform,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """``scale * (softmax - uniform)`` chained to d/dz, for one block of a row (the target
+    column is fixed afterwards). MASKED only for a block that reaches past the row."""
+    if MASKED:
+        mask = offs < N_COLS
+        z = tl.load(in_row + offs * stride_in_col, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        z = tl.load(in_row + offs * stride_in_col, eviction_policy="evict_first")
+    x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+    g = _chain(tl.exp2(x * LOG2E - lse2) * scale - uniform, x, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+    g = g.to(out_row.dtype.element_ty)
+    if MASKED:
+        tl.store(out_row + offs * stride_out_col, g, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(out_row + offs * stride_out_col, g, cache_modifier=".cs")
+
+
+@triton.jit
 def _row_gradient(
     in_row,
     stride_in_col,
@@ -57,6 +90,7 @@ def _row_gradient(
     cols,
     N_COLS: tl.constexpr,
     target,
+    x_target,
     lse2,
     scale,
     label_smoothing,
@@ -69,25 +103,41 @@ def _row_gradient(
 ):
     """Write ``scale * d loss / d z`` for one row, BLOCK columns at a time.
 
-    REVERSE walks the row from its end: the blocks read last by the max/sum pass are the
-    likeliest to still be in L2.
+    The blocks write the gradient without the target's ``-(1 - label_smoothing)`` term;
+    the target's column is then written once more, from ``x_target`` (the target's
+    transformed logit, read before the row was overwritten when ``out_row`` is
+    ``in_row``): one store per row instead of a comparison per element. Only the block
+    that reaches past the row's end is masked. REVERSE walks the row from its end: the
+    blocks read last by the max/sum pass are the likeliest to still be in L2.
     """
-    last_start = (N_COLS - 1) // BLOCK * BLOCK
-    on_target = (1.0 - label_smoothing) * scale
+    full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
+    has_tail: tl.constexpr = N_COLS % BLOCK != 0
     uniform = label_smoothing / N_COLS * scale
-    for i in range(0, N_COLS, BLOCK):
+    if REVERSE and has_tail:
+        _gradient_block(
+            in_row, stride_in_col, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
+        )  # fmt: skip
+    for i in range(0, full_end, BLOCK):
         if REVERSE:
-            start = last_start - i
+            start = full_end - BLOCK - i
         else:
             start = i
-        offs = start + cols
-        mask = offs < N_COLS
-        z = tl.load(in_row + offs * stride_in_col, mask=mask, other=0.0, eviction_policy="evict_first")
-        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-        g = tl.exp2(x * LOG2E - lse2) * scale - uniform
-        g = tl.where(offs == target, g - on_target, g)
-        g = _chain(g, x, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-        tl.store(out_row + offs * stride_out_col, g.to(out_row.dtype.element_ty), mask=mask, cache_modifier=".cs")
+        _gradient_block(
+            in_row, stride_in_col, out_row, stride_out_col, start + cols, N_COLS, lse2, scale, uniform,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False,
+        )  # fmt: skip
+    if not REVERSE and has_tail:
+        _gradient_block(
+            in_row, stride_in_col, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
+        )  # fmt: skip
+    if (target >= 0) & (target < N_COLS):
+        # The blocks' stores to the target's column come before this one (CTA barrier).
+        tl.debug_barrier()
+        g_target = tl.exp2(x_target * LOG2E - lse2) * scale - uniform - (1.0 - label_smoothing) * scale
+        g_target = _chain(g_target, x_target, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+        tl.store(out_row + target * stride_out_col, g_target.to(out_row.dtype.element_ty))
 
 
 @triton.jit
@@ -100,14 +150,21 @@ def _load_block(
     logit_scale,
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """One block of a row for the max/sum pass: the transformed logits x (float32), x in
-    base 2 with -inf past the row's end, and the mask of columns inside the row. Loaded
-    to stay in L2 for the gradient pass that reads the row again."""
-    mask = offs < N_COLS
-    z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
-    x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-    return x, tl.where(mask, x * LOG2E, -float("inf")), mask
+    """One block of a row for the max/sum pass: the transformed logits in base 2
+    (``x * log2(e)``, -inf past the row's end) and the transformed logits (0 past the
+    row's end). Loaded to stay in L2 for the gradient pass that reads the row again.
+    MASKED only for a block that reaches past the row."""
+    if MASKED:
+        mask = offs < N_COLS
+        z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
+        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+        return tl.where(mask, x * LOG2E, -float("inf")), tl.where(mask, x, 0.0)
+    else:
+        z = tl.load(logits_row + offs * stride_logits_col, eviction_policy="evict_last")
+        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+        return x * LOG2E, x
 
 
 @triton.jit
@@ -129,16 +186,17 @@ def _row_max_sum_online(
     s = 0.0
     sum_x = 0.0
     for start in range(0, N_COLS, BLOCK):
-        x, x2, mask = _load_block(
-            logits_row, stride_logits_col, start + cols, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE
-        )
+        x2, x = _load_block(
+            logits_row, stride_logits_col, start + cols, N_COLS, softcap, logit_scale,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
+        )  # fmt: skip
         m2_new = tl.maximum(m2, tl.max(x2, axis=0))
         # All -inf so far: keep the sum 0 instead of exp2(-inf - -inf) = NaN.
         shift = tl.where(m2_new == -float("inf"), 0.0, m2_new)
         s = s * tl.exp2(m2 - shift) + tl.sum(tl.exp2(x2 - shift), axis=0)
         m2 = m2_new
         if HAS_SMOOTHING:
-            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            sum_x += tl.sum(x, axis=0)
     return m2, s, sum_x
 
 
@@ -161,24 +219,37 @@ def _row_max_sum(
     its own max; the lanes are reduced once at the end. With no barrier in the loop, a
     program keeps loads in flight back to back. The fixed shift is exact scaling (the
     sum is at least 1, since the row max is >= shift) unless the row max exceeds it by
-    more than 64 (exp2 could overflow): such rows take the online loop instead.
+    more than 64 (exp2 could overflow): such rows take the online loop instead. Only the
+    block that reaches past the row's end is masked.
     """
-    x, x2, mask = _load_block(
-        logits_row, stride_logits_col, cols, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE
-    )
+    full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
+    x2, x = _load_block(
+        logits_row, stride_logits_col, cols, N_COLS, softcap, logit_scale,
+        HAS_SOFTCAP, HAS_LOGIT_SCALE, N_COLS < BLOCK,
+    )  # fmt: skip
     first_max = tl.max(x2, axis=0)
     shift = tl.where(first_max == -float("inf"), 0.0, first_max)
     lane_sum = tl.exp2(x2 - shift)
     lane_max = x2
-    lane_sum_x = tl.where(mask, x, 0.0)
-    for start in range(BLOCK, N_COLS, BLOCK):
-        x, x2, mask = _load_block(
-            logits_row, stride_logits_col, start + cols, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE
-        )
+    lane_sum_x = x
+    for start in range(BLOCK, full_end, BLOCK):
+        x2, x = _load_block(
+            logits_row, stride_logits_col, start + cols, N_COLS, softcap, logit_scale,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, False,
+        )  # fmt: skip
         lane_sum += tl.exp2(x2 - shift)
         lane_max = tl.maximum(lane_max, x2)
         if HAS_SMOOTHING:
-            lane_sum_x += tl.where(mask, x, 0.0)
+            lane_sum_x += x
+    if N_COLS > BLOCK and N_COLS % BLOCK != 0:
+        x2, x = _load_block(
+            logits_row, stride_logits_col, full_end + cols, N_COLS, softcap, logit_scale,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
+        )  # fmt: skip
+        lane_sum += tl.exp2(x2 - shift)
+        lane_max = tl.maximum(lane_max, x2)
+        if HAS_SMOOTHING:
+            lane_sum_x += x
     m2 = tl.max(lane_max, axis=0)
     s = tl.sum(lane_sum, axis=0) * tl.exp2(shift - tl.where(m2 == -float("inf"), 0.0, m2))
     sum_x = tl.sum(lane_sum_x, axis=0)
@@ -213,25 +284,26 @@ def check_targets_kernel(
 ):
     """One program, run before the loss kernel so that one host read gives all it needs.
 
-    status (int64) = [a bad target (else ignore_index), 1 if the call site's last two
-    grad_outputs differed, count of non-ignored targets]. With a site, ``prediction``
+    status (int64) = [the target of the first row whose target is bad (else ignore_index),
+    1 if the call site's last two grad_outputs differed, count of non-ignored targets]. With a site, ``prediction``
     (float32) = the site's last grad_output (1 if none, 0 or not finite): the factor the
     gradient-in-forward path bakes in.
     """
-    bad = ignore_index + tl.zeros([], dtype=tl.int64)
     n_valid = tl.zeros([], dtype=tl.int64)
+    first_bad = n_rows + tl.zeros([], dtype=tl.int64)
     start = 0
     while start < n_rows:
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n_rows
         target = tl.load(target_ptr + offs * stride_target, mask=mask, other=ignore_index).to(tl.int64)
         counted = mask & (target != ignore_index)
-        n_valid += tl.sum(counted.to(tl.int64), axis=0)
+        n_valid += tl.sum(counted.to(tl.int32), axis=0)
         out_of_range = counted & ((target < 0) | (target >= n_cols))
-        first_bad = tl.min(tl.where(out_of_range, offs, n_rows), axis=0)
-        first_bad_target = tl.sum(tl.where(offs == first_bad, target, 0), axis=0)
-        bad = tl.where(first_bad < n_rows, first_bad_target, bad)
+        first_bad = tl.minimum(first_bad, tl.min(tl.where(out_of_range, offs, n_rows), axis=0))
         start += BLOCK
+    bad = ignore_index + tl.zeros([], dtype=tl.int64)
+    if first_bad < n_rows:
+        bad = tl.load(target_ptr + first_bad * stride_target).to(tl.int64)
     tl.store(status_ptr, bad)
     tl.store(status_ptr + 2, n_valid)
     if HAS_SITE:
@@ -308,7 +380,7 @@ def _forward_row(
         if WRITE_GRAD:
             _row_gradient(
                 logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
-                target, lse2, scale, label_smoothing, softcap, logit_scale,
+                target, x_t, lse2, scale, label_smoothing, softcap, logit_scale,
                 HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK,
             )
 
@@ -416,11 +488,18 @@ def cross_entropy_backward_kernel(
             _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
         else:
             scale = tl.load(grad_output_ptr + row * stride_grad_output) * inv_denominator
+            logits_row = logits_ptr + row * stride_logits_row
+            # Read before the row is overwritten (the gradient may go into the logits).
+            safe_target = tl.where((target >= 0) & (target < N_COLS), target, 0)
+            x_t = _transform(
+                tl.load(logits_row + safe_target * stride_logits_col).to(tl.float32),
+                softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
+            )  # fmt: skip
             _row_gradient(
-                logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col,
-                cols, N_COLS, target, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
+                logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
+                target, x_t, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
                 logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK,
-            )
+            )  # fmt: skip
         row += n_programs
 
 

@@ -299,11 +299,9 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
     if n_cols < 65536:
         return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=4, reverse=False)
     if kernel_pass == "loss_and_gradient":
-        # One program of 512-1024 threads per SM: few enough rows in flight that the
-        # gradient pass finds much of its row still in L2, enough loads to fill DRAM.
-        if n_cols < 196608:
-            return LaunchConfig(block=16384, num_warps=16, programs_per_sm=1, reverse=False)
-        return LaunchConfig(block=16384, num_warps=32, programs_per_sm=1, reverse=True)
+        # One program of 1024 threads per SM: few enough rows in flight that the gradient
+        # pass finds much of its row still in L2, enough loads to fill DRAM.
+        return LaunchConfig(block=16384, num_warps=32, programs_per_sm=1, reverse=n_cols >= 196608)
     if kernel_pass == "loss":
         return LaunchConfig(block=4096, num_warps=8, programs_per_sm=4, reverse=False)
     return LaunchConfig(block=8192, num_warps=16 if n_cols < 196608 else 8, programs_per_sm=2, reverse=True)
@@ -356,8 +354,8 @@ def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSit
             prediction if prediction is not None else status,
             n_rows, n_cols, options.ignore_index,
             HAS_SITE=site is not None,
-            BLOCK=1024 if input.is_cuda else 64,
-            num_warps=4,
+            BLOCK=4096 if input.is_cuda else 64,
+            num_warps=8,
         )  # fmt: skip
     if not input.is_cuda or _no_host_reads(input):
         return TargetCheck(status, prediction, None, None)
