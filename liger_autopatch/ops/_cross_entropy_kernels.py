@@ -201,6 +201,35 @@ def _row_max_sum_online(
 
 
 @triton.jit
+def _add_block(
+    lane_sum,
+    lane_max,
+    lane_sum_x,
+    shift,
+    logits_row,
+    stride_logits_col,
+    offs,
+    N_COLS: tl.constexpr,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One more block into the lanes of _row_max_sum: sums of exp2(x2 - shift), maxima of
+    x2 and (with label smoothing) sums of x."""
+    x2, x = _load_block(
+        logits_row, stride_logits_col, offs, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, MASKED
+    )
+    lane_sum += tl.exp2(x2 - shift)
+    lane_max = tl.maximum(lane_max, x2)
+    if HAS_SMOOTHING:
+        lane_sum_x += x
+    return lane_sum, lane_max, lane_sum_x
+
+
+@triton.jit
 def _row_max_sum(
     logits_row,
     stride_logits_col,
@@ -233,23 +262,15 @@ def _row_max_sum(
     lane_max = x2
     lane_sum_x = x
     for start in range(BLOCK, full_end, BLOCK):
-        x2, x = _load_block(
-            logits_row, stride_logits_col, start + cols, N_COLS, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, False,
+        lane_sum, lane_max, lane_sum_x = _add_block(
+            lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, start + cols, N_COLS,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False,
         )  # fmt: skip
-        lane_sum += tl.exp2(x2 - shift)
-        lane_max = tl.maximum(lane_max, x2)
-        if HAS_SMOOTHING:
-            lane_sum_x += x
     if N_COLS > BLOCK and N_COLS % BLOCK != 0:
-        x2, x = _load_block(
-            logits_row, stride_logits_col, full_end + cols, N_COLS, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
+        lane_sum, lane_max, lane_sum_x = _add_block(
+            lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, full_end + cols, N_COLS,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, True,
         )  # fmt: skip
-        lane_sum += tl.exp2(x2 - shift)
-        lane_max = tl.maximum(lane_max, x2)
-        if HAS_SMOOTHING:
-            lane_sum_x += x
     m2 = tl.max(lane_max, axis=0)
     s = tl.sum(lane_sum, axis=0) * tl.exp2(shift - tl.where(m2 == -float("inf"), 0.0, m2))
     sum_x = tl.sum(lane_sum_x, axis=0)
