@@ -122,14 +122,21 @@ def test_gradient_pass_walking_rows_backwards(monkeypatch, v):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 # The interpreter evaluates the overflowing sum with numpy before the row is redone.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
-def test_rows_whose_max_lies_far_beyond_the_first_block(reduction):
-    # The max/sum pass sums exp2 against the first block's max; a later logit more than
-    # 64 / log2(e) above it would overflow that sum, so such rows take the rescaling loop.
-    # Row 0 crosses the threshold in its last block, row 1 stays just under it.
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's inf - inf
+def test_rows_the_target_logit_cannot_scale(reduction):
+    # The max/sum pass sums exp2 against the target's logit. Rows with a logit more than
+    # 64 / log2(e) (44.4) above it take the rescaling loop (at 128 / log2(e) the sum would
+    # overflow), and so do rows whose target logit is not finite, which gives no scale.
+    # Row 0: a logit 100 above its target's; row 1: 40 above, under the threshold; row 2:
+    # a target logit of -inf; row 3: that, with logits so small that sums against a shift
+    # of 0 vanish.
     logits, target = make_case(4, 200, torch.float32, ignored=0.0)
-    logits[0, :64] -= 60.0
-    logits[0, 190] = 45.0
-    logits[1, :64] -= 40.0
+    for row, (at_target, elsewhere) in enumerate([(-50.0, 50.0), (-10.0, 30.0)]):
+        logits[row, target[row]] = at_target
+        logits[row, (target[row] + 100) % 200] = elsewhere
+    logits[2, target[2]] = float("-inf")
+    logits[3] = -200.0
+    logits[3, target[3]] = float("-inf")
     check(logits, target, grad_outputs=(1.0, 0.5), reduction=reduction, label_smoothing=0.1)
 
 

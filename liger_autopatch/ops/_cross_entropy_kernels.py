@@ -235,6 +235,7 @@ def _row_max_sum(
     stride_logits_col,
     cols,
     N_COLS: tl.constexpr,
+    x_target,
     softcap,
     logit_scale,
     HAS_SOFTCAP: tl.constexpr,
@@ -244,29 +245,27 @@ def _row_max_sum(
 ):
     """What _row_max_sum_online computes, with no block-wide reduction inside the loop.
 
-    Each lane sums exp2(x2 - shift) against one shift, the first block's max, and keeps
-    its own max; the lanes are reduced once at the end. With no barrier in the loop, a
-    program keeps loads in flight back to back. The fixed shift is exact scaling (the
-    sum is at least 1, since the row max is >= shift) unless the row max exceeds it by
-    more than 64 (exp2 could overflow): such rows take the online loop instead. Only the
-    block that reaches past the row's end is masked.
+    Each lane sums exp2(x2 - shift) against one shift, the target's logit ``x_target``
+    (transformed, in base e; 0 if not finite), and keeps its own max; the lanes are
+    reduced once at the end. With no barrier in the loop and no reduction before it, a
+    program keeps loads in flight back to back. The fixed shift is exact scaling: the
+    target's own term makes the sum at least 1. It fails only when the row max exceeds
+    the shift by more than 64 (the sum could overflow: a loss above 44 nats) or the sum
+    came out below 1 (a target logit that is not finite): such rows take the online loop
+    instead. Only the block that reaches past the row's end is masked.
     """
     full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
-    x2, x = _load_block(
-        logits_row, stride_logits_col, cols, N_COLS, softcap, logit_scale,
-        HAS_SOFTCAP, HAS_LOGIT_SCALE, N_COLS < BLOCK,
-    )  # fmt: skip
-    first_max = tl.max(x2, axis=0)
-    shift = tl.where(first_max == -float("inf"), 0.0, first_max)
-    lane_sum = tl.exp2(x2 - shift)
-    lane_max = x2
-    lane_sum_x = x
-    for start in range(BLOCK, full_end, BLOCK):
+    shift = x_target * LOG2E
+    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
+    lane_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    lane_max = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+    lane_sum_x = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, full_end, BLOCK):
         lane_sum, lane_max, lane_sum_x = _add_block(
             lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, start + cols, N_COLS,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False,
         )  # fmt: skip
-    if N_COLS > BLOCK and N_COLS % BLOCK != 0:
+    if N_COLS % BLOCK != 0:
         lane_sum, lane_max, lane_sum_x = _add_block(
             lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, full_end + cols, N_COLS,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, True,
@@ -274,7 +273,7 @@ def _row_max_sum(
     m2 = tl.max(lane_max, axis=0)
     s = tl.sum(lane_sum, axis=0) * tl.exp2(shift - tl.where(m2 == -float("inf"), 0.0, m2))
     sum_x = tl.sum(lane_sum_x, axis=0)
-    if m2 - shift > 64.0:
+    if (m2 - shift > 64.0) | ~(s >= 0.5):
         m2, s, sum_x = _row_max_sum_online(
             logits_row, stride_logits_col, cols, N_COLS, softcap, logit_scale,
             HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK,
@@ -344,13 +343,28 @@ def _record_grad_output(site_ptr, grad_output):
 
 
 @triton.jit
+def _row_target(target_ptr, stride_target, row, n_rows, ignore_index):
+    """Row ``row``'s target; ignore_index past the last row."""
+    return tl.load(target_ptr + row * stride_target, mask=row < n_rows, other=ignore_index).to(tl.int64)
+
+
+@triton.jit
+def _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, N_COLS: tl.constexpr):
+    """The logit of row ``row`` at its target, as stored (the first column's where the
+    target is out of range), in float32."""
+    safe_target = tl.where((target >= 0) & (target < N_COLS), target, 0)
+    ptr = logits_ptr + row * stride_logits_row + safe_target * stride_logits_col
+    return tl.load(ptr, mask=row < n_rows, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _forward_row(
     row,
+    target,
+    z_t,
     logits_ptr,
     stride_logits_row,
     stride_logits_col,
-    target_ptr,
-    stride_target,
     loss_ptr,
     lse_ptr,
     grad_ptr,
@@ -371,7 +385,6 @@ def _forward_row(
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    target = tl.load(target_ptr + row * stride_target).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
     if target == ignore_index:
@@ -382,15 +395,13 @@ def _forward_row(
             _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
     else:
         in_range = (target >= 0) & (target < N_COLS)
+        x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
         m2, s, sum_x = _row_max_sum(
-            logits_row, stride_logits_col, cols, N_COLS, softcap, logit_scale,
+            logits_row, stride_logits_col, cols, N_COLS, x_t, softcap, logit_scale,
             HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK,
         )  # fmt: skip
         shift = tl.where(m2 == -float("inf"), 0.0, m2)
         lse2 = shift + tl.log2(s)
-        safe_target = tl.where(in_range, target, 0)
-        z_t = tl.load(logits_row + safe_target * stride_logits_col).to(tl.float32)
-        x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
         loss = lse2 * LN2 - (1.0 - label_smoothing) * x_t
         if HAS_SMOOTHING:
             loss -= label_smoothing / N_COLS * sum_x
@@ -448,16 +459,26 @@ def cross_entropy_forward_kernel(
         scale = tl.load(prediction_ptr)
         if HAS_DENOMINATOR:
             scale = scale / tl.load(denominator_ptr).to(tl.float32)
-    # A while loop: the interpreter cannot run range() over run-time bounds.
+    # A program reads its next row's target logit, and the target of the row after that,
+    # while it works on the current row: the max/sum pass needs the target's logit before
+    # its first load, and the two reads depend on each other, so they are issued one row
+    # apart. (A while loop: the interpreter cannot run range() over run-time bounds.)
     row = pid.to(tl.int64)
+    target = _row_target(target_ptr, stride_target, row, n_rows, ignore_index)
+    z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, N_COLS)
+    next_target = _row_target(target_ptr, stride_target, row + n_programs, n_rows, ignore_index)
     while row < n_rows:
+        next_row = row + n_programs
+        next_z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target, N_COLS)
+        target_after = _row_target(target_ptr, stride_target, next_row + n_programs, n_rows, ignore_index)
         _forward_row(
-            row, logits_ptr, stride_logits_row, stride_logits_col, target_ptr, stride_target,
+            row, target, z_t, logits_ptr, stride_logits_row, stride_logits_col,
             loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
             cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
             HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK,
-        )
-        row += n_programs
+        )  # fmt: skip
+        row = next_row
+        target, z_t, next_target = next_target, next_z_t, target_after
 
 
 @triton.jit

@@ -286,6 +286,11 @@ class LaunchConfig:
     programs_per_sm: int
     reverse: bool
 
+    @property
+    def max_registers(self) -> int:
+        """Registers per thread that let ``programs_per_sm`` programs share an SM's 64K."""
+        return min(255, 65536 // (32 * self.num_warps * self.programs_per_sm))
+
 
 KernelPass = Literal["loss_and_gradient", "loss", "gradient"]
 
@@ -300,7 +305,11 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
         return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, reverse=False)
     block = min(8192, 1 << (n_cols - 1).bit_length())
     if n_cols < 65536:
-        return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=4, reverse=False)
+        num_warps = 8 if block >= 4096 else 4
+        # The forward kernel takes about 128 registers a thread here: 2 programs of 8 warps
+        # fit on an SM (the kernel is compiled to that limit, see run_forward_kernel).
+        programs_per_sm = 2 if kernel_pass != "gradient" and num_warps == 8 else 4
+        return LaunchConfig(block=block, num_warps=num_warps, programs_per_sm=programs_per_sm, reverse=False)
     if kernel_pass == "loss_and_gradient":
         # One program of 1024 threads per SM: few enough rows in flight that the gradient
         # pass finds much of its row still in L2, enough loads to fill DRAM.
@@ -433,6 +442,9 @@ def run_forward_kernel(
             REVERSE=config.reverse,
             BLOCK=config.block,
             num_warps=config.num_warps,
+            # Without the limit the compiler may use more registers than the grid's
+            # programs per SM leave, and fewer programs run at once (NOTES-ce, v14).
+            maxnreg=config.max_registers,
         )  # fmt: skip
     return rows, lse
 
