@@ -305,9 +305,9 @@ def check_targets_kernel(
     """One program, run before the loss kernel so that one host read gives all it needs.
 
     status (int64) = [the target of the first row whose target is bad (else ignore_index),
-    1 if the call site's last two grad_outputs differed, count of non-ignored targets]. With a site, ``prediction``
-    (float32) = the site's last grad_output (1 if none, 0 or not finite): the factor the
-    gradient-in-forward path bakes in.
+    1 if the call site's last two grad_outputs differed, count of non-ignored targets].
+    With a site, ``prediction`` (float32) = the site's last grad_output (1 if none, 0 or
+    not finite): the factor the gradient-in-forward path bakes in.
     """
     n_valid = tl.zeros([], dtype=tl.int64)
     first_bad = n_rows + tl.zeros([], dtype=tl.int64)
@@ -530,15 +530,11 @@ def cross_entropy_backward_kernel(
             _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
         else:
             scale = tl.load(grad_output_ptr + row * stride_grad_output) * inv_denominator
-            logits_row = logits_ptr + row * stride_logits_row
             # Read before the row is overwritten (the gradient may go into the logits).
-            safe_target = tl.where((target >= 0) & (target < N_COLS), target, 0)
-            x_t = _transform(
-                tl.load(logits_row + safe_target * stride_logits_col).to(tl.float32),
-                softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
-            )  # fmt: skip
+            z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, N_COLS)
+            x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
             _row_gradient(
-                logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
+                logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
                 target, x_t, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
                 logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK,
             )  # fmt: skip
