@@ -177,24 +177,30 @@ def test_op_does_no_gradient_work_without_grad(monkeypatch: pytest.MonkeyPatch) 
     )
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the most memory (bytes of storage) any op's output has."""
+class _Outputs(TorchDispatchMode):
+    """Records every op's tensor outputs: the most memory (bytes of storage) any has, and
+    (dtype, shape) of those that own memory of that size (not the expanded stand-ins the
+    op makes for the logits' shape)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.largest = 0
+        self.shapes: set[tuple[torch.dtype, tuple[int, ...]]] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
+                nbytes = t.untyped_storage().nbytes()
+                self.largest = max(self.largest, nbytes)
+                if nbytes >= t.numel() * t.element_size():
+                    self.shapes.add((t.dtype, tuple(t.shape)))
         return out
 
 
 def test_op_never_makes_all_the_logits() -> None:
     hidden, weight, bias, target = _inputs(n_rows=200, bias=True)
-    with _LargestTensor() as mode:
+    with _Outputs() as mode:
         fused_linear_cross_entropy(hidden, weight, target, bias=bias).backward()
     assert mode.largest < hidden.shape[0] * VOCAB * 4 / 4  # a quarter of the float32 logits
 
@@ -238,22 +244,6 @@ def test_op_bfloat16_gradients_are_as_precise_as_unfused() -> None:
         )
 
 
-class _OutputShapes(TorchDispatchMode):
-    """Records (dtype, shape) of every op's tensor outputs that own memory of that size
-    (not the expanded stand-ins the op makes for the logits' shape)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[tuple[torch.dtype, tuple[int, ...]]] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= t.numel() * t.element_size():
-                self.seen.add((t.dtype, tuple(t.shape)))
-        return out
-
-
 @pytest.mark.parametrize("n_rows", [2 * HIDDEN, 2 * HIDDEN + 1])
 def test_op_bfloat16_one_chunk_where_the_accumulator_would_be_larger(n_rows: int) -> None:
     """bf16 logits of up to 2 rows per hidden unit take no more memory than a float32
@@ -262,11 +252,11 @@ def test_op_bfloat16_one_chunk_where_the_accumulator_would_be_larger(n_rows: int
     unfused computation's either way."""
     hidden, weight, _, target = _inputs(n_rows=n_rows, dtype=torch.bfloat16, seed=2)
     _, (exact_hidden, exact_weight) = _reference(hidden, weight, None, target)
-    with _OutputShapes() as shapes:
+    with _Outputs() as outputs:
         fused_linear_cross_entropy(hidden, weight, target).backward()
     one_chunk = n_rows <= 2 * HIDDEN
-    assert ((torch.bfloat16, (n_rows, VOCAB)) in shapes.seen) == one_chunk
-    assert ((torch.float32, (VOCAB, HIDDEN)) in shapes.seen) == (not one_chunk)
+    assert ((torch.bfloat16, (n_rows, VOCAB)) in outputs.shapes) == one_chunk
+    assert ((torch.float32, (VOCAB, HIDDEN)) in outputs.shapes) == (not one_chunk)
     fused = (hidden.grad.double(), weight.grad.double())
     hidden.grad = weight.grad = None
     cross_entropy(F.linear(hidden, weight), target).backward()
@@ -427,7 +417,7 @@ def test_routing_never_makes_all_the_logits() -> None:
     input_ids, labels = _batch(seq=64)
     logits_bytes = input_ids.numel() * vocab * 4
     assert max(p.nbytes for p in model.parameters()) < logits_bytes / 2
-    with _LargestTensor() as mode:
+    with _Outputs() as mode:
         model(input_ids=input_ids, labels=labels).loss.backward()
     assert mode.largest < logits_bytes / 2
 
