@@ -111,7 +111,7 @@ def fused_linear_cross_entropy(
             hidden, weight, bias, target, denominator, options, check.prediction, site
         )
     else:
-        step = chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(), weight.numel() * weight.element_size())
+        step = chunk_rows(hidden, weight, weight_grad=False)
         loss = _chunks(hidden, weight, bias, target, step, denominator, options, None, None)
     ce.read_check(check, logits_like, options, site)
     return loss
@@ -129,18 +129,22 @@ def _triton_serves(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: 
     return ce.supports(_logits_like(hidden, weight), target)
 
 
-def chunk_rows(
-    n_rows: int, n_cols: int, element_size: int, weight_grad_bytes: int, accumulator_bytes: int = 0
-) -> int:
-    """Rows per chunk. All of them when their logits take no more memory than
-    ``accumulator_bytes``, the float32 weight-gradient accumulator that several chunks
-    would need (one chunk needs none). Otherwise as many as fit in :data:`CHUNK_BYTES` of
-    logits and in the weight gradient's size (so the buffer stays under the peak the
-    accumulator sets), rounded down to a multiple of 128 (the matmuls' tile) when that
-    many fit; at least one."""
-    if n_rows * n_cols * element_size <= accumulator_bytes:
+def _float32_accumulator_bytes(weight: Tensor, weight_grad: bool) -> int:
+    """Bytes of the float32 accumulator a 16-bit weight gradient needs over several chunks
+    (0 when there is no weight gradient or it is float32 already)."""
+    return weight.numel() * 4 if weight_grad and weight.element_size() < 4 else 0
+
+
+def chunk_rows(hidden: Tensor, weight: Tensor, *, weight_grad: bool) -> int:
+    """Rows per chunk. All of them when their logits take no more memory than the float32
+    weight-gradient accumulator that several chunks would need (one chunk needs none).
+    Otherwise as many as fit in :data:`CHUNK_BYTES` of logits and in the weight
+    gradient's size (so the buffer stays under the peak the accumulator sets), rounded
+    down to a multiple of 128 (the matmuls' tile) when that many fit; at least one."""
+    n_rows, row_bytes = hidden.shape[0], weight.shape[0] * hidden.element_size()
+    if n_rows * row_bytes <= _float32_accumulator_bytes(weight, weight_grad):
         return n_rows
-    rows = min(CHUNK_BYTES, weight_grad_bytes) // (n_cols * element_size)
+    rows = min(CHUNK_BYTES, weight.numel() * weight.element_size()) // row_bytes
     if rows >= 128:
         rows -= rows % 128
     return max(1, min(n_rows, rows))
@@ -222,10 +226,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = hidden.new_empty(hidden.shape) if hidden.requires_grad else None
         # 16-bit weights over several chunks: a float32 accumulator, rounded once (see the
         # module docstring). Where it would be needed, one chunk may use its memory instead.
-        n_rows, n_vocab = hidden.shape[0], weight.shape[0]
-        accumulator_bytes = weight.numel() * 4 if weight.requires_grad and weight.element_size() < 4 else 0
-        step = chunk_rows(n_rows, n_vocab, hidden.element_size(), weight.numel() * weight.element_size(), accumulator_bytes)
-        accumulator_dtype = torch.float32 if accumulator_bytes and step < n_rows else weight.dtype
+        step = chunk_rows(hidden, weight, weight_grad=weight.requires_grad)
+        in_float32 = step < hidden.shape[0] and _float32_accumulator_bytes(weight, weight.requires_grad) > 0
+        accumulator_dtype = torch.float32 if in_float32 else weight.dtype
         grad_weight = weight.new_empty(weight.shape, dtype=accumulator_dtype) if weight.requires_grad else None
         want_bias = bias is not None and bias.requires_grad
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_bias else None
