@@ -159,12 +159,12 @@ def _load_block(
     if MASKED:
         mask = offs < N_COLS
         z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
-        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-        return tl.where(mask, x * LOG2E, -float("inf")), tl.where(mask, x, 0.0)
     else:
         z = tl.load(logits_row + offs * stride_logits_col, eviction_policy="evict_last")
-        x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-        return x * LOG2E, x
+    x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
+    if MASKED:
+        return tl.where(mask, x * LOG2E, -float("inf")), tl.where(mask, x, 0.0)
+    return x * LOG2E, x
 
 
 @triton.jit

@@ -299,7 +299,7 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
     """Launch parameters for rows of ``n_cols`` logits, per pass: the forward kernel
     writing the gradient (read twice, write once), the forward kernel alone (read once),
     and the gradient-only kernels (read once, write once). bench/ce.py sweeps these;
-    bench/NOTES-ce.md has the measurements behind them (H100)."""
+    bench/NOTES-ce.md has the measurements behind them (H100, then H200)."""
     if device.type != "cuda":
         # Interpreter: small blocks so that the tests cover multi-block rows.
         return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, reverse=False)
