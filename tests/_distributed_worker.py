@@ -1,6 +1,10 @@
-"""Run by ``torchrun --nproc_per_node 2`` for tests/test_distributed.py (CPU, gloo).
+"""Run by ``torchrun --nproc_per_node 2`` for tests/test_distributed.py.
 
-    torchrun --standalone --nproc_per_node 2 tests/_distributed_worker.py OUT.json [SETUP ...]
+    torchrun --standalone --nproc_per_node 2 tests/_distributed_worker.py \
+        [--device cuda] OUT.json [SETUP ...]
+
+On the CPU (the default) the ranks talk over gloo; with ``--device cuda`` each rank takes
+the GPU of its local rank and NCCL.
 
 Each rank trains the same tiny Llama under each setup: by default DDP, FSDP2 with
 ``fully_shard`` per decoder layer then the root, and FSDP2 with lm_head in a unit of its
@@ -17,6 +21,7 @@ ranks and, from every rank, how the fused linear cross-entropy routed its calls 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -37,13 +42,13 @@ STEPS = 3
 BATCH, SEQ = 2, 16
 
 
-def _model() -> torch.nn.Module:
+def _model(device: torch.device) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
     # An lm_head unit of its own cannot share its weight with the embedding.
     config = llama_like_config("LlamaConfig", tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(config).to(device)
 
 
 def _wrap(setup: str, model: torch.nn.Module) -> torch.nn.Module:
@@ -77,13 +82,13 @@ def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
     if setup == "zero3":
         import deepspeed
 
-        model = _model()
+        model = _model(tokens.device)
         trained, *_ = deepspeed.initialize(
             model=model, config=ZERO3, model_parameters=model.parameters()
         )
         backward, step_optimizer = trained.backward, trained.step
     else:
-        trained = _wrap(setup, _model())
+        trained = _wrap(setup, _model(tokens.device))
         optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
 
         def backward(loss: torch.Tensor) -> None:
@@ -120,11 +125,18 @@ def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
     return result
 
 
-def main(out: str, setups: tuple[str, ...]) -> None:
-    dist.init_process_group("gloo")
+def main(out: str, setups: tuple[str, ...], device_type: str) -> None:
+    if device_type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
     patched = os.environ.get("LIGER_DISABLE") != "1"
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB_SIZE, (dist.get_world_size(), BATCH, SEQ), generator=generator)
+    tokens = tokens.to(device)
     report: dict[str, Any] = {setup: _train(setup, tokens, patched) for setup in setups}
     if patched:
         import liger_autopatch
@@ -141,7 +153,12 @@ def main(out: str, setups: tuple[str, ...]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], tuple(sys.argv[2:]) or SETUPS)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("out")
+    parser.add_argument("setups", nargs="*", default=SETUPS)
+    args = parser.parse_args()
+    main(args.out, tuple(args.setups), args.device)
     # The interpreter's teardown after gloo sometimes aborts ("terminate called without
     # an active exception"), in about one run in three under pytest, with or without
     # liger_autopatch (LIGER_DISABLE=1 too): torch's, not what this test checks. The

@@ -1,9 +1,10 @@
-"""DDP, FSDP2 and DeepSpeed ZeRO-3 under torchrun, 2 ranks on the CPU (gloo), no code change.
+"""DDP, FSDP2 and DeepSpeed ZeRO-3 under torchrun, 2 ranks, no code change.
 
-The GPU runs of the same setups at the 1B shape are bench/multi_gpu.py's (BENCHMARKS.md).
-Here the kernels run through the Triton interpreter, and every rank must be patched by
-the ``.pth`` start-up hook alone, route lm_head + loss through the fused path where the
-weight stays gathered, and train to the same losses as transformers as is.
+On the CPU (gloo, in CI) the kernels run through the Triton interpreter; the ``gpu``
+instances run DDP and FSDP2 on two GPUs (NCCL) with the compiled kernels. Either way
+every rank must be patched by the ``.pth`` start-up hook alone, route lm_head + loss
+through the fused path where the weight stays gathered, and train to the same losses as
+transformers as is. The GPU runs at the 1B shape are bench/multi_gpu.py's (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -22,9 +23,23 @@ pytest.importorskip("transformers")
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 
 
-def _torchrun(out: Path, extra_env: dict[str, str], setups: tuple[str, ...] = ()) -> list[dict]:
+# NVLink multicast off, as the device machines' notes ask (bench/multi_gpu.py does the same).
+_NO_MULTICAST = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def _torchrun(
+    out: Path, extra_env: dict[str, str], setups: tuple[str, ...] = (), device: str = "cpu"
+) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("LIGER_DISABLE", "TRITON_INTERPRET")}
-    env.update({"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", **extra_env})
+    if device == "cpu":
+        env.update({"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
+    else:
+        env.update(_NO_MULTICAST)
+    env.update(extra_env)
     command = [
         sys.executable,
         "-m",
@@ -32,6 +47,7 @@ def _torchrun(out: Path, extra_env: dict[str, str], setups: tuple[str, ...] = ()
         "--standalone",
         "--nproc_per_node=2",
         str(WORKER),
+        f"--device={device}",
         str(out),
         *setups,
     ]
@@ -42,13 +58,20 @@ def _torchrun(out: Path, extra_env: dict[str, str], setups: tuple[str, ...] = ()
     return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    scratch = tmp_path_factory.mktemp("torchrun")
-    patched = _torchrun(scratch / "patched.json", {})
-    plain = _torchrun(scratch / "plain.json", {"LIGER_DISABLE": "1"})
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[dict], list[dict]]:
+    device = request.param
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    if device == "cpu" and not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed has no gloo")
+    if device == "cuda" and (torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available()):
+        pytest.skip("needs two CUDA GPUs and NCCL")
+    scratch = tmp_path_factory.mktemp(f"torchrun-{device}")
+    patched = _torchrun(scratch / "patched.json", {}, device=device)
+    plain = _torchrun(scratch / "plain.json", {"LIGER_DISABLE": "1"}, device=device)
     return patched, plain
 
 
