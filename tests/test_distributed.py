@@ -67,7 +67,8 @@ def runs(
         pytest.skip("torch.distributed is not available")
     if device == "cpu" and not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed has no gloo")
-    if device == "cuda" and (torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available()):
+    two_gpus = torch.cuda.device_count() >= 2 and torch.distributed.is_nccl_available()
+    if device == "cuda" and not two_gpus:
         pytest.skip("needs two CUDA GPUs and NCCL")
     scratch = tmp_path_factory.mktemp(f"torchrun-{device}")
     patched = _torchrun(scratch / "patched.json", {}, device=device)
