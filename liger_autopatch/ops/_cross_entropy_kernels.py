@@ -100,7 +100,6 @@ def _row_gradient(
     HAS_LOGIT_SCALE: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
-    TAIL_BLOCK: tl.constexpr,
 ):
     """Write ``scale * d loss / d z`` for one row, BLOCK columns at a time.
 
@@ -108,17 +107,15 @@ def _row_gradient(
     the target's column is then written once more, from ``x_target`` (the target's
     transformed logit, read before the row was overwritten when ``out_row`` is
     ``in_row``): one store per row instead of a comparison per element. Only the block
-    that reaches past the row's end is masked; it is TAIL_BLOCK columns wide (see
-    _row_max_sum). REVERSE walks the row from its end: the blocks read last by the
-    max/sum pass are the likeliest to still be in L2.
+    that reaches past the row's end is masked. REVERSE walks the row from its end: the
+    blocks read last by the max/sum pass are the likeliest to still be in L2.
     """
     full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
     has_tail: tl.constexpr = N_COLS % BLOCK != 0
-    tail_offs = full_end + tl.arange(0, TAIL_BLOCK)
     uniform = label_smoothing / N_COLS * scale
     if REVERSE and has_tail:
         _gradient_block(
-            in_row, stride_in_col, out_row, stride_out_col, tail_offs, N_COLS, lse2, scale, uniform,
+            in_row, stride_in_col, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
         )  # fmt: skip
     for i in range(0, full_end, BLOCK):
@@ -132,7 +129,7 @@ def _row_gradient(
         )  # fmt: skip
     if not REVERSE and has_tail:
         _gradient_block(
-            in_row, stride_in_col, out_row, stride_out_col, tail_offs, N_COLS, lse2, scale, uniform,
+            in_row, stride_in_col, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
         )  # fmt: skip
     if (target >= 0) & (target < N_COLS):
@@ -245,7 +242,6 @@ def _row_max_sum(
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     BLOCK: tl.constexpr,
-    TAIL_BLOCK: tl.constexpr,
 ):
     """What _row_max_sum_online computes, with no block-wide reduction inside the loop.
 
@@ -256,10 +252,7 @@ def _row_max_sum(
     target's own term makes the sum at least 1. It fails only when the row max exceeds
     the shift by more than 64 (the sum could overflow: a loss above 44 nats) or the sum
     came out below 1 (a target logit that is not finite): such rows take the online loop
-    instead. Only the block that reaches past the row's end is masked. It is TAIL_BLOCK
-    columns wide, the tail rounded up to a power of two: a block costs about the same
-    however much of it is masked, so a short tail in a whole block would cost a whole one.
-    A tail block narrower than BLOCK is reduced on its own.
+    instead. Only the block that reaches past the row's end is masked.
     """
     full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
     shift = x_target * LOG2E
@@ -272,24 +265,14 @@ def _row_max_sum(
             lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, start + cols, N_COLS,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False,
         )  # fmt: skip
-    if N_COLS % BLOCK != 0 and TAIL_BLOCK == BLOCK:
+    if N_COLS % BLOCK != 0:
         lane_sum, lane_max, lane_sum_x = _add_block(
             lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, full_end + cols, N_COLS,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, True,
         )  # fmt: skip
     m2 = tl.max(lane_max, axis=0)
-    total = tl.sum(lane_sum, axis=0)
+    s = tl.sum(lane_sum, axis=0) * tl.exp2(shift - tl.where(m2 == -float("inf"), 0.0, m2))
     sum_x = tl.sum(lane_sum_x, axis=0)
-    if N_COLS % BLOCK != 0 and TAIL_BLOCK != BLOCK:
-        x2, x = _load_block(
-            logits_row, stride_logits_col, full_end + tl.arange(0, TAIL_BLOCK), N_COLS, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
-        )  # fmt: skip
-        m2 = tl.maximum(m2, tl.max(x2, axis=0))
-        total += tl.sum(tl.exp2(x2 - shift), axis=0)
-        if HAS_SMOOTHING:
-            sum_x += tl.sum(x, axis=0)
-    s = total * tl.exp2(shift - tl.where(m2 == -float("inf"), 0.0, m2))
     if (m2 - shift > 64.0) | ~(s >= 0.5):
         m2, s, sum_x = _row_max_sum_online(
             logits_row, stride_logits_col, cols, N_COLS, softcap, logit_scale,
@@ -401,7 +384,6 @@ def _forward_row(
     WRITE_GRAD: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
-    TAIL_BLOCK: tl.constexpr,
 ):
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
@@ -416,7 +398,7 @@ def _forward_row(
         x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
         m2, s, sum_x = _row_max_sum(
             logits_row, stride_logits_col, cols, N_COLS, x_t, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK, TAIL_BLOCK,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK,
         )  # fmt: skip
         shift = tl.where(m2 == -float("inf"), 0.0, m2)
         lse2 = shift + tl.log2(s)
@@ -431,7 +413,7 @@ def _forward_row(
             _row_gradient(
                 logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
                 target, x_t, lse2, scale, label_smoothing, softcap, logit_scale,
-                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK, TAIL_BLOCK,
+                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK,
             )
 
 
@@ -464,7 +446,6 @@ def cross_entropy_forward_kernel(
     HAS_DENOMINATOR: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
-    TAIL_BLOCK: tl.constexpr,
 ):
     """Per-row loss (unreduced, float32), optionally lse (base 2) and the gradient.
 
@@ -494,7 +475,7 @@ def cross_entropy_forward_kernel(
             row, target, z_t, logits_ptr, stride_logits_row, stride_logits_col,
             loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
             cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK, TAIL_BLOCK,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK,
         )  # fmt: skip
         row = next_row
         target, z_t, next_target = next_target, next_z_t, target_after
@@ -527,7 +508,6 @@ def cross_entropy_backward_kernel(
     HAS_DENOMINATOR: tl.constexpr,
     HAS_SITE: tl.constexpr,
     BLOCK: tl.constexpr,
-    TAIL_BLOCK: tl.constexpr,
 ):
     """grad[r] = grad_output[r] / denominator * d loss_r / d z[r]: one read, one write.
 
@@ -556,7 +536,7 @@ def cross_entropy_backward_kernel(
             _row_gradient(
                 logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
                 target, x_t, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
-                logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK, TAIL_BLOCK,
+                logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK,
             )  # fmt: skip
         row += n_programs
 

@@ -323,14 +323,6 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
     return LaunchConfig(block=8192, num_warps=16 if n_cols < 196608 else 8, programs_per_sm=2, reverse=True)
 
 
-def _tail_block(n_cols: int, block: int) -> int:
-    """Width of the masked block that covers a row's last ``n_cols % block`` columns: that
-    tail rounded up to a power of two (at least 16), since a block costs about the same
-    however much of it is masked (bench/NOTES-ce.md, v19)."""
-    tail = n_cols % block
-    return block if tail == 0 else min(block, max(16, 1 << (tail - 1).bit_length()))
-
-
 _sm_counts: dict[torch.device, int] = {}
 
 
@@ -453,7 +445,6 @@ def run_forward_kernel(
             HAS_DENOMINATOR=grad is not None and denominator is not None,
             REVERSE=config.reverse,
             BLOCK=config.block,
-            TAIL_BLOCK=_tail_block(n_cols, config.block),
             num_warps=config.num_warps,
             # Without the limit the compiler may use more registers than the grid's
             # programs per SM leave, and fewer programs run at once (NOTES-ce, v14).
@@ -494,7 +485,6 @@ def run_backward_kernel(
             HAS_DENOMINATOR=denominator is not None,
             HAS_SITE=site is not None,
             BLOCK=config.block,
-            TAIL_BLOCK=_tail_block(n_cols, config.block),
             num_warps=config.num_warps,
         )  # fmt: skip
     return grad
