@@ -110,7 +110,7 @@ def test_matches_float64_reference(n, v, dtype, kwargs):
 
 
 @interpreter_only
-@pytest.mark.parametrize("v", [150, 128], ids=["with_tail", "whole_blocks"])
+@pytest.mark.parametrize("v", [150, 130, 128], ids=["with_tail", "with_short_tail", "whole_blocks"])
 def test_gradient_pass_walking_rows_backwards(monkeypatch, v):
     reverse = LaunchConfig(block=32, num_warps=1, programs_per_sm=1, reverse=True)
     monkeypatch.setattr(ce_module, "launch_config", lambda n_cols, device, kernel_pass: reverse)
