@@ -310,17 +310,27 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
         # NOTES-ce v16).
         block = min(block, 4096)
         return LaunchConfig(block=block, num_warps=8 if block >= 4096 else 4, programs_per_sm=4, reverse=False)
+    if kernel_pass == "loss_and_gradient" and _one_program_per_sm(n_cols):
+        # One program of 1024 threads per SM: few enough rows in flight that the gradient
+        # pass finds much of its row still in L2, enough loads to fill DRAM.
+        return LaunchConfig(block=16384, num_warps=32, programs_per_sm=1, reverse=n_cols >= 196608)
     if n_cols < 65536:
         num_warps = 8 if block >= 4096 else 4
         # The forward kernel takes about 128 registers a thread here: 2 programs of 8 warps
         # fit on an SM (the kernel is compiled to that limit, see run_forward_kernel).
         programs_per_sm = 2 if kernel_pass == "loss_and_gradient" and num_warps == 8 else 4
         return LaunchConfig(block=block, num_warps=num_warps, programs_per_sm=programs_per_sm, reverse=False)
-    if kernel_pass == "loss_and_gradient":
-        # One program of 1024 threads per SM: few enough rows in flight that the gradient
-        # pass finds much of its row still in L2, enough loads to fill DRAM.
-        return LaunchConfig(block=16384, num_warps=32, programs_per_sm=1, reverse=n_cols >= 196608)
     return LaunchConfig(block=8192, num_warps=16 if n_cols < 196608 else 8, programs_per_sm=2, reverse=True)
+
+
+def _one_program_per_sm(n_cols: int) -> bool:
+    """Whether the gradient-writing pass runs one 32-warp program per SM on 16384-column
+    blocks: from 65536 columns, and from 49152 where the row's last block is at least
+    three quarters full. Below 65536 that grid loses where its last block is mostly
+    masked (H200: 8% faster at V=65024 and 49152, 4% at 61440, 8-12% slower at 53248
+    and 57344; bench/NOTES-ce.md, v19)."""
+    tail = n_cols % 16384
+    return n_cols >= 65536 or (n_cols >= 49152 and (tail == 0 or tail >= 12288))
 
 
 _sm_counts: dict[torch.device, int] = {}
