@@ -331,7 +331,7 @@ def test_argument_errors():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("v", [32000, 128256])
+@pytest.mark.parametrize("v", [32000, 65024, 128256])  # 65024: the 32-warp grid below 65536
 @pytest.mark.parametrize("kwargs", [{}, {"label_smoothing": 0.1, "softcap": 30.0}, {"reduction": "none"}])
 def test_gpu_real_sizes(v, kwargs):
     logits, target = make_case(2048, v, torch.bfloat16, device="cuda", ignored=0.1)
