@@ -327,7 +327,7 @@ def _one_program_per_sm(n_cols: int) -> bool:
     """Whether the gradient-writing pass runs one 32-warp program per SM on 16384-column
     blocks: from 65536 columns, and from 49152 where the row's last block is at least
     three quarters full. Below 65536 that grid loses where its last block is mostly
-    masked (H200: 8% faster at V=65024 and 49152, 4% at 61440, 8-12% slower at 53248
+    masked (H200: 8% faster at V=65024 and 49152, 4% at 61440, 7-12% slower at 53248
     and 57344; bench/NOTES-ce.md, v19)."""
     tail = n_cols % 16384
     return n_cols >= 65536 or (n_cols >= 49152 and (tail == 0 or tail >= 12288))
