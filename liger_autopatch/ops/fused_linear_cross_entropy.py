@@ -26,7 +26,7 @@ gradient is rounded to the logits' dtype, as unfused autograd rounds it. ``grad_
 rows are one matmul each, rounded once. ``grad_weight`` is a sum over all rows: for 16-bit
 weights and several chunks it is accumulated in float32 (cuBLAS, 16-bit inputs) and
 rounded once at the end, so its error is unfused autograd's. Accumulated in bfloat16
-instead it would be rounded once per chunk: on an H100 that measured 5-20% further from
+instead it would be rounded once per chunk: on an H100 that measured 5-24% further from
 float64 than unfused autograd (bench/NOTES-flce.md). The price is memory: while the op
 runs it holds the float32 accumulator and then the rounded gradient, about three times
 the weight gradient, and the chunk buffer is sized to fit under that peak. When the
