@@ -1,8 +1,8 @@
 """Cross-entropy forward + backward on one GPU, side by side with the peers.
 
-    python bench/ce.py [--sweep] [--out bench/results]
+    python bench/ce.py [--sweep] [--vocab 65024,151936] [--out bench/results]
 
-Rows: N = 8192 tokens, V in {32000, 128256, 262144}, bf16 logits, 10% of labels ignored,
+Rows: N = 8192 tokens, V in {32000, 128256, 262144} (or the ``--vocab`` list), bf16 logits, 10% of labels ignored,
 grad_output 1 and 1/8. Columns: median ms (triton.testing.do_bench, forward + backward),
 peak memory beyond the inputs, and the ratio to the floor = 2*N*V*2 bytes (read the
 logits once, write the gradient once) over the device copy bandwidth measured in the
@@ -15,7 +15,7 @@ same run. Implementations:
 * liger-kernel ``LigerCrossEntropyLoss`` (if importable; it writes into the logits).
 
 ``--sweep`` also times launch configurations of this package's kernels. The JSON goes to
-``<out>/ce-<gpu>-<date>.json``.
+``<out>/ce-<gpu>-<date>.json`` (``-vocab-<V>-...`` appended for a ``--vocab`` list).
 """
 
 from __future__ import annotations
@@ -189,7 +189,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON")
+    parser.add_argument("--vocab", help="comma-separated vocabulary sizes instead of the issue's three")
     args = parser.parse_args()
+    vocabs = tuple(int(v) for v in args.vocab.split(",")) if args.vocab else VOCABS
 
     gpu = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
@@ -202,7 +204,7 @@ def main() -> None:
     )
 
     rows = []
-    for v in VOCABS:
+    for v in vocabs:
         logits, target = make_inputs(v)
         floor_ms = 2 * N_TOKENS * v * 2 / bandwidth * 1e3
         for g in GRAD_OUTPUTS:
@@ -229,17 +231,18 @@ def main() -> None:
             f"| {r['V']} | {r['grad_output']:g} | {r['impl']} | {r['ms']:.3f} | "
             f"{r['extra_bytes'] / 2**30:.2f} GiB | {r['x_floor']:.2f} | {r['path']} |"
         )
-    for v in VOCABS:
+    for v in vocabs:
         print(f"launch config V={v}: {ce.launch_config(v, torch.device('cuda'), 'loss_and_gradient')}")
-    print("\nfloors (ms): " + ", ".join(f"V={v}: {2 * N_TOKENS * v * 2 / bandwidth * 1e3:.3f}" for v in VOCABS))
+    print("\nfloors (ms): " + ", ".join(f"V={v}: {2 * N_TOKENS * v * 2 / bandwidth * 1e3:.3f}" for v in vocabs))
 
     date = datetime.date.today().isoformat()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ce-{gpu.replace(' ', '_')}-{date}.json"
+    suffix = "".join(f"-vocab-{v}" for v in vocabs) if args.vocab else ""
+    path = out / f"ce-{gpu.replace(' ', '_')}{suffix}-{date}.json"
     configs = {
         v: {p: dataclasses.asdict(ce.launch_config(v, torch.device("cuda"), p)) for p in ("loss_and_gradient", "loss", "gradient")}
-        for v in VOCABS
+        for v in vocabs
     }
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": date,
             "copy_bandwidth_bytes_per_s": bandwidth, "n_tokens": N_TOKENS, "launch_configs": configs}  # fmt: skip
