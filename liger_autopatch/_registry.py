@@ -163,7 +163,7 @@ def record_failure(target: str, family: str, exc: BaseException) -> None:
     """Record ``failed`` for a target; the original stays in place."""
     with _lock:
         _record(target, family, "failed", f"{type(exc).__name__}: {exc}")
-    logger.warning("liger_autopatch: could not patch %s: %s", target, exc)
+    logger.warning("liger_autopatch: %s failed, the original code runs instead: %s", target, exc)
 
 
 def unpatch() -> None:

@@ -98,6 +98,11 @@ def _accelerator() -> dict[str, Any]:
     except Exception as exc:
         return {"gpu": gpu, "triton_path": False, "reason": f"triton cannot be imported: {exc}"}
     if gpu is not None:
+        from liger_autopatch.ops.cross_entropy import unusable_reason
+
+        reason = unusable_reason(torch.device("cuda", torch.cuda.current_device()))
+        if reason is not None:
+            return {"gpu": gpu, "triton_path": False, "reason": f"{reason}: transformers' own loss code runs"}
         return {"gpu": gpu, "triton_path": True, "reason": "CUDA tensors use the Triton kernels"}
     if os.environ.get("TRITON_INTERPRET") == "1":
         return {"gpu": None, "triton_path": True, "reason": "TRITON_INTERPRET=1: CPU tensors run the kernels in Triton's interpreter"}

@@ -7,6 +7,8 @@ CUDA and run the compiled kernels at real sizes.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,6 +214,79 @@ def test_callers_tensors_are_unchanged():
         (loss * grad_output).backward()
         assert torch.equal(held.detach(), kept_logits)
         assert torch.equal(target, kept_target)
+
+
+class _FailingLaunch:
+    """A kernel whose launch raises, as Triton's does when it cannot build the kernel."""
+
+    def __init__(self, launches: list[str], name: str) -> None:
+        self.launches, self.name = launches, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(self.name)
+            raise RuntimeError("PTXAS error: simulated\nptxas fatal: the rest of its output")
+
+        return launch
+
+
+@pytest.fixture
+def failing_kernel(monkeypatch):
+    """failing_kernel(name): from now on launching that kernel raises; returns the list of
+    attempted launches. The registry and the record of unusable devices are the test's own."""
+    from liger_autopatch import _registry
+
+    monkeypatch.setattr(ce_module, "_unusable_devices", {})
+    monkeypatch.setattr(_registry, "_records", {})
+    launches: list[str] = []
+
+    def make(name: str) -> list[str]:
+        kernels = ce_module._kernels()
+        namespace = types.SimpleNamespace(**{k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("__")})
+        setattr(namespace, name, _FailingLaunch(launches, name))
+        monkeypatch.setattr(ce_module, "_kernels", lambda: namespace)
+        return launches
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=[gpu, needs_cuda])]
+)
+@pytest.mark.parametrize("name", ["check_targets_kernel", "cross_entropy_forward_kernel"])
+def test_kernel_failure_gives_torchs_result_and_turns_the_path_off(failing_kernel, name, device):
+    import liger_autopatch
+
+    launches = failing_kernel(name)
+    logits, target = make_case(6, 200, torch.bfloat16, device)
+    kept = logits.clone()
+    # The upcast path transformers runs, which the patched code falls back to.
+    upcast = logits.float().requires_grad_()
+    expected = F.cross_entropy(upcast, target, label_smoothing=0.1)
+    expected.backward()
+    leaf = logits.clone().requires_grad_()
+    loss = cross_entropy(leaf * 1.0, target, label_smoothing=0.1)  # a temporary: in place if it ran
+    loss.backward()
+    assert launches == [name]
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected.detach())
+    assert torch.equal(leaf.grad, upcast.grad.to(torch.bfloat16))
+    assert torch.equal(logits, kept)
+    assert not supports(logits, target)
+    (row,) = [row for row in liger_autopatch.status() if row.target == f"Triton kernels on {logits.device}"]
+    assert row.state == "failed" and "PTXAS error: simulated" in row.detail
+    # From now on torch's loss, exactly, and no more launch attempts.
+    assert torch.equal(cross_entropy(logits, target), F.cross_entropy(logits, target))
+    assert launches == [name]
+
+
+def test_gpus_the_kernels_cannot_be_built_for(monkeypatch):
+    monkeypatch.setattr(ce_module, "_unusable_devices", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    reason = ce_module.unusable_reason(torch.device("cuda", 0))
+    assert reason is not None and "compute capability 6.0" in reason and "7.0" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert ce_module.unusable_reason(torch.device("cuda", 1)) is None
+    assert ce_module.unusable_reason(torch.device("cuda", 0)) == reason
 
 
 class _Probe(torch.autograd.Function):

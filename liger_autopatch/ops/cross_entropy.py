@@ -26,6 +26,15 @@ Either gradient goes into the logits buffer itself when nobody else can observe 
 :func:`_unobservable`), otherwise into a fresh buffer of the logits' dtype. Under
 ``torch.compile`` the op is the ``liger_autopatch::cross_entropy_rows`` custom op
 (gradient in the backward, fresh buffer), so graphs compile with no break.
+
+A kernel that cannot be built or launched on a device (a GPU that Triton cannot compile
+these kernels for, a Triton release that rejects them) turns the Triton path off on that
+device for the rest of the process: the failure is logged and recorded
+(:func:`liger_autopatch.status`), every later call gets torch's result, and the patched
+transformers code hands those calls to its original. A launch fails before its kernel
+runs, so when that happens in an eager forward, the failing call gets torch's result too.
+In a backward or a compiled graph it raises :class:`KernelFailure`; the forward's kernels
+are built first and share the backward's code.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import contextlib
 import os
 import sys
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType, ModuleType
 from typing import Literal
@@ -42,11 +52,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from liger_autopatch import _registry
+
 __all__ = ["cross_entropy", "supports"]
 
 _LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TARGET_DTYPES = (torch.int32, torch.int64)
 _REDUCTIONS = ("none", "mean", "sum")
+
+# Triton cannot build these kernels for older GPUs (ptxas rejects them for sm_60: Pascal).
+MIN_CAPABILITY = (7, 0)
+
+# Devices the Triton path is off on, with the reason: found too old, or a kernel that
+# failed to build or launch there (see the module docstring).
+_unusable_devices: dict[torch.device, str] = {}
+
+
+def unusable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels do not run on ``device``, or None where they do."""
+    if device.type == "cuda" and device not in _unusable_devices:
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY:
+            _unusable_devices[device] = (
+                f"compute capability {capability[0]}.{capability[1]}; the Triton kernels need "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer"
+            )
+        else:
+            return None
+    return _unusable_devices.get(device)
+
+
+class KernelFailure(RuntimeError):
+    """A Triton kernel could not be built or launched; it did not run."""
 
 
 def supports(input: Tensor, target: Tensor) -> bool:
@@ -54,8 +91,9 @@ def supports(input: Tensor, target: Tensor) -> bool:
 
     That is: ``input`` is (N, V) with N, V >= 1 in bfloat16, float16 or float32;
     ``target`` is (N,) int32/int64 class indices on the same device; and the device is
-    CUDA, or the CPU while the environment has ``TRITON_INTERPRET=1``. Any other call is
-    served by ``torch.nn.functional.cross_entropy`` with the same semantics.
+    CUDA (compute capability 7.0 or newer), or the CPU while the environment has
+    ``TRITON_INTERPRET=1``; and no kernel has failed on that device in this process. Any
+    other call is served by ``torch.nn.functional.cross_entropy`` with the same semantics.
     """
     return (
         input.dim() == 2
@@ -67,6 +105,7 @@ def supports(input: Tensor, target: Tensor) -> bool:
         and target.dtype in _TARGET_DTYPES
         and input.device == target.device
         and (input.is_cuda or (input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
+        and unusable_reason(input.device) is None
     )
 
 
@@ -99,7 +138,9 @@ def cross_entropy(
     instead). The gradient (in the logits' dtype) overwrites ``input`` only if nothing else
     can observe it: passed as a temporary, not a view, not a leaf, no other reference.
     Under torch.compile the call is the ``liger_autopatch::cross_entropy_rows`` custom
-    op. Elsewhere the result is exactly torch's, dtype included.
+    op. Elsewhere the result is exactly torch's, dtype included. A call whose kernel fails
+    to build or launch gets torch's result on the logits in float32 (as transformers
+    computes it), and turns the Triton path off on that device (see the module docstring).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -120,7 +161,24 @@ def cross_entropy(
     # Read before `input` is passed anywhere: references beyond a temporary argument's
     # mean the caller (or a wrapper) still holds the logits.
     only_our_reference = sys.getrefcount(input) <= _TEMPORARY_ARGUMENT_REFS
-    site = call_site(sys._getframe(1), input.device)
+    try:
+        return _triton_cross_entropy(input, target, reduction, num_items_in_batch, options, only_our_reference)
+    except KernelFailure:
+        return torch_cross_entropy(
+            input.float(), target, ignore_index, reduction, label_smoothing, num_items_in_batch, softcap, logit_scale
+        )
+
+
+def _triton_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+    options: Options,
+    only_our_reference: bool,
+) -> Tensor:
+    """The eager Triton path of :func:`cross_entropy`."""
+    site = call_site(sys._getframe(2), input.device)
     check = check_targets(input, target, options, site)
     denominator = loss_denominator(check.status[2], reduction, num_items_in_batch, input.device)
     if not (input.requires_grad and torch.is_grad_enabled()):
@@ -268,6 +326,27 @@ def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _launching(t: Tensor) -> Iterator[None]:
+    """Around one kernel launch for ``t``'s device (made current, see _on_device_of).
+
+    A launch that raises did not run its kernel (Triton builds and checks it first): the
+    Triton path goes off on that device and the error comes back as KernelFailure, which
+    the ops answer with torch's result.
+    """
+    try:
+        with _on_device_of(t):
+            yield
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+        _unusable_devices.setdefault(t.device, reason)
+        _registry.record_failure(f"Triton kernels on {t.device}", "ops", exc)
+        raise KernelFailure(
+            f"liger_autopatch: a Triton kernel failed on {t.device} ({reason}); torch's cross-entropy runs there from now on"
+        ) from exc
+
+
 def _kernels() -> ModuleType:
     # Imported on first use: triton.jit reads TRITON_INTERPRET when the kernels are defined.
     from liger_autopatch.ops import _cross_entropy_kernels
@@ -373,7 +452,7 @@ def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSit
     n_rows, n_cols = input.shape
     status = torch.empty(3, dtype=torch.int64, device=input.device)
     prediction = torch.empty((), dtype=torch.float32, device=input.device) if site is not None else None
-    with _on_device_of(input):
+    with _launching(input):
         _kernels().check_targets_kernel[(1,)](
             target, target.stride(0), status,
             site.state(input.device) if site is not None else status,
@@ -439,7 +518,7 @@ def run_forward_kernel(
     config = launch_config(n_cols, input.device, "loss_and_gradient" if grad is not None else "loss")
     grad_buffer = grad if grad is not None else input
     grid = _grid(n_rows, input.device, config)
-    with _on_device_of(input):
+    with _launching(input):
         _kernels().cross_entropy_forward_kernel[grid](
             input, input.stride(0), input.stride(1),
             target, target.stride(0),
@@ -481,7 +560,7 @@ def run_backward_kernel(
     config = launch_config(n_cols, input.device, "gradient")
     grad_output = grad_output.to(torch.float32)
     grid = _grid(n_rows, input.device, config)
-    with _on_device_of(input):
+    with _launching(input):
         _kernels().cross_entropy_backward_kernel[grid](
             input, input.stride(0), input.stride(1),
             target, target.stride(0),
@@ -504,7 +583,7 @@ def correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site
     n_rows, n_cols = grad.shape
     config = launch_config(n_cols, grad.device, "gradient")
     grid = _grid(n_rows, grad.device, config)
-    with _on_device_of(grad):
+    with _launching(grad):
         _kernels().correct_gradient_kernel[grid](
             grad, grad.stride(0), grad.stride(1),
             grad_output.to(torch.float32), prediction, site.state(grad.device),

@@ -92,18 +92,36 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    if not _triton_serves(hidden, weight, bias, target):
-        # The plain computation: all the logits at once, in float32, then torch's loss.
-        return ce.torch_cross_entropy(
-            F.linear(hidden, weight, bias).float(), target, ignore_index, reduction, 0.0,
-            num_items_in_batch, softcap, logit_scale,
-        )  # fmt: skip
+    if _triton_serves(hidden, weight, bias, target):
+        try:
+            return _triton_fused(hidden, weight, bias, target, ignore_index, reduction, num_items_in_batch, softcap, logit_scale)
+        except ce.KernelFailure:
+            pass  # nothing of the caller's was written: the plain computation below
+    # The plain computation: all the logits at once, in float32, then torch's loss.
+    return ce.torch_cross_entropy(
+        F.linear(hidden, weight, bias).float(), target, ignore_index, reduction, 0.0,
+        num_items_in_batch, softcap, logit_scale,
+    )  # fmt: skip
+
+
+def _triton_fused(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+    softcap: float | None,
+    logit_scale: float | None,
+) -> Tensor:
+    """The chunked Triton path of :func:`fused_linear_cross_entropy`."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     logits_like = _logits_like(hidden, weight)
     options = ce.Options(int(ignore_index), 0.0, softcap, logit_scale)
-    site = ce.call_site(sys._getframe(1), hidden.device) if needs_grad else None
+    site = ce.call_site(sys._getframe(2), hidden.device) if needs_grad else None
     check = ce.check_targets(logits_like, target, options, site)
     denominator = ce.loss_denominator(check.status[2], reduction, num_items_in_batch, hidden.device)
     if needs_grad:

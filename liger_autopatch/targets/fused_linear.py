@@ -56,6 +56,7 @@ from liger_autopatch._registry import (
     original_of,
     record_failure,
 )
+from liger_autopatch.ops.cross_entropy import unusable_reason
 from liger_autopatch.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from liger_autopatch.targets._dispatch import is_liger_kernel
 
@@ -631,6 +632,10 @@ def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
     loss_function = getattr(model, "loss_function", None)
     if not (is_ours(loss_function) and original_of(loss_function).__name__ == "ForCausalLMLoss"):
         return f"its loss is {getattr(original_of(loss_function), '__name__', loss_function)!r}, not our ForCausalLMLoss"
+    weight = getattr(lm_head, "weight", None)
+    unusable = unusable_reason(weight.device) if isinstance(weight, Tensor) else None
+    if unusable:
+        return f"the Triton kernels are off on {weight.device}: {unusable}"
     if _is_fsdp2_unit(lm_head):
         # fully_shard subclasses the module's class: FSDPLinear(FSDPModule, Linear).
         if type(lm_head).__bases__[1:] != (torch.nn.Linear,):
