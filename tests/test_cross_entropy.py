@@ -7,8 +7,6 @@ CUDA and run the compiled kernels at real sizes.
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,40 +212,6 @@ def test_callers_tensors_are_unchanged():
         (loss * grad_output).backward()
         assert torch.equal(held.detach(), kept_logits)
         assert torch.equal(target, kept_target)
-
-
-class _FailingLaunch:
-    """A kernel whose launch raises, as Triton's does when it cannot build the kernel."""
-
-    def __init__(self, launches: list[str], name: str) -> None:
-        self.launches, self.name = launches, name
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(self.name)
-            raise RuntimeError("PTXAS error: simulated\nptxas fatal: the rest of its output")
-
-        return launch
-
-
-@pytest.fixture
-def failing_kernel(monkeypatch):
-    """failing_kernel(name): from now on launching that kernel raises; returns the list of
-    attempted launches. The registry and the record of unusable devices are the test's own."""
-    from liger_autopatch import _registry
-
-    monkeypatch.setattr(ce_module, "_unusable_devices", {})
-    monkeypatch.setattr(_registry, "_records", {})
-    launches: list[str] = []
-
-    def make(name: str) -> list[str]:
-        kernels = ce_module._kernels()
-        namespace = types.SimpleNamespace(**{k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("__")})
-        setattr(namespace, name, _FailingLaunch(launches, name))
-        monkeypatch.setattr(ce_module, "_kernels", lambda: namespace)
-        return launches
-
-    return make
 
 
 @pytest.mark.parametrize(

@@ -217,45 +217,17 @@ def test_op_without_triton_is_the_torch_reference(monkeypatch: pytest.MonkeyPatc
         _close(leaf.grad, expected, "grad")
 
 
-def _fail_forward_kernel(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """From now on launching the cross-entropy forward kernel raises, as a launch does where
-    Triton cannot build the kernel; the record of unusable devices and the registry are the
-    test's own. Returns the list of attempted launches."""
-    from liger_autopatch import _registry
-    from liger_autopatch.ops import cross_entropy as ce
-
-    monkeypatch.setattr(ce, "_unusable_devices", {})
-    monkeypatch.setattr(_registry, "_records", {})
-    launches: list[str] = []
-    kernels = ce._kernels()
-
-    class Failing:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append("forward")
-                raise RuntimeError("PTXAS error: simulated")
-
-            return launch
-
-    class Kernels:
-        def __getattr__(self, name):
-            return Failing() if name == "cross_entropy_forward_kernel" else getattr(kernels, name)
-
-    monkeypatch.setattr(ce, "_kernels", Kernels)
-    return launches
-
-
 # The kernels launch on CPU tensors only under the interpreter (not where CUDA is present).
 interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter test")
 
 
 @interpreter_only
-def test_op_kernel_failure_gives_the_torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    launches = _fail_forward_kernel(monkeypatch)
+def test_op_kernel_failure_gives_the_torch_reference(failing_kernel) -> None:
+    launches = failing_kernel("cross_entropy_forward_kernel")
     hidden, weight, bias, target = _inputs(bias=True)
     loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias, softcap=2.0)
     loss.backward()
-    assert launches == ["forward"]
+    assert launches == ["cross_entropy_forward_kernel"]
     assert not flce_op._triton_serves(hidden, weight, bias, target)
     expected_loss, expected_grads = _reference(hidden, weight, bias, target, softcap=2.0)
     _close(loss.detach(), expected_loss, "loss")
@@ -420,12 +392,12 @@ def test_routing_matches_original_forward(name: str) -> None:
 
 
 @interpreter_only
-def test_kernel_failure_leaves_the_model_to_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
-    launches = _fail_forward_kernel(monkeypatch)
+def test_kernel_failure_leaves_the_model_to_transformers(failing_kernel) -> None:
+    launches = failing_kernel("cross_entropy_forward_kernel")
     model = _model("llama")
     input_ids, labels = _batch()
     outputs, grads = _loss_and_grads(model, type(model).__call__, input_ids=input_ids, labels=labels)
-    assert launches == ["forward"]  # once: the path is off from then on
+    assert launches == ["cross_entropy_forward_kernel"]  # once: the path is off from then on
     original_out, original_grads = _loss_and_grads(
         model, original_of(type(model).forward), input_ids=input_ids, labels=labels
     )
@@ -433,7 +405,7 @@ def test_kernel_failure_leaves_the_model_to_transformers(monkeypatch: pytest.Mon
     for name, grad in grads.items():
         _close(grad, original_grads[name], f"grad of {name}")
     outputs, _ = _loss_and_grads(model, type(model).__call__, input_ids=input_ids, labels=labels)
-    assert launches == ["forward"]
+    assert launches == ["cross_entropy_forward_kernel"]
     # Transformers' own code ran: real logits, and its loss to the last bit.
     assert not isinstance(outputs.logits, DeferredLogits)
     assert torch.equal(outputs.loss, original_out.loss)
