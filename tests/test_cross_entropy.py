@@ -245,12 +245,21 @@ def test_kernel_failure_gives_torchs_result_and_turns_the_path_off(failing_kerne
 
 def test_gpus_the_kernels_cannot_be_built_for(monkeypatch):
     monkeypatch.setattr(ce_module, "_unusable_devices", {})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(ce_module, "_capable_devices", set())
+    asked = []
+
+    def capability(device):
+        asked.append(device)
+        return {0: (6, 0), 1: (7, 5)}[device.index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     reason = ce_module.unusable_reason(torch.device("cuda", 0))
     assert reason is not None and "compute capability 6.0" in reason and "7.0" in reason
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert ce_module.unusable_reason(torch.device("cuda", 1)) is None
+    # Asked once per device.
     assert ce_module.unusable_reason(torch.device("cuda", 0)) == reason
+    assert ce_module.unusable_reason(torch.device("cuda", 1)) is None
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
 class _Probe(torch.autograd.Function):

@@ -66,20 +66,23 @@ MIN_CAPABILITY = (7, 0)
 # Devices the Triton path is off on, with the reason: found too old, or a kernel that
 # failed to build or launch there (see the module docstring).
 _unusable_devices: dict[torch.device, str] = {}
+# CUDA devices whose compute capability was found new enough (asked once per device).
+_capable_devices: set[torch.device] = set()
 
 
 def unusable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels do not run on ``device``, or None where they do."""
-    if device.type == "cuda" and device not in _unusable_devices:
+    reason = _unusable_devices.get(device)
+    if reason is None and device.type == "cuda" and device not in _capable_devices:
         capability = torch.cuda.get_device_capability(device)
         if capability < MIN_CAPABILITY:
-            _unusable_devices[device] = (
+            reason = _unusable_devices[device] = (
                 f"compute capability {capability[0]}.{capability[1]}; the Triton kernels need "
                 f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer"
             )
         else:
-            return None
-    return _unusable_devices.get(device)
+            _capable_devices.add(device)
+    return reason
 
 
 class KernelFailure(RuntimeError):
