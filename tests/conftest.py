@@ -25,22 +25,22 @@ def triton_path_stays_on():
 class _FailingLaunch:
     """A kernel whose launch raises, as Triton's does when it cannot build the kernel."""
 
-    def __init__(self, launches: list[str], name: str) -> None:
-        self.launches, self.name = launches, name
+    def __init__(self, launches: list[str], name: str, error: Exception) -> None:
+        self.launches, self.name, self.error = launches, name, error
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append(self.name)
-            raise RuntimeError("PTXAS error: simulated\nptxas fatal: the rest of its output")
+            raise self.error
 
         return launch
 
 
 @pytest.fixture
-def failing_kernel(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[str]]:
-    """``failing_kernel(name)``: from then on, launching the kernel called ``name`` raises;
-    returns the list of attempted launches. The record of unusable devices and the
-    registry's records are the test's own."""
+def failing_kernel(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
+    """``failing_kernel(name, error=...)``: from then on, launching the kernel called
+    ``name`` raises ``error`` (by default a build error); returns the list of attempted
+    launches. The record of unusable devices and the registry's records are the test's own."""
     from liger_autopatch import _registry
     from liger_autopatch.ops import cross_entropy as ops
 
@@ -48,10 +48,11 @@ def failing_kernel(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[str]
     monkeypatch.setattr(_registry, "_records", {})
     launches: list[str] = []
 
-    def make(name: str) -> list[str]:
+    def make(name: str, error: Exception | None = None) -> list[str]:
+        error = error or RuntimeError("PTXAS error: simulated\nptxas fatal: the rest of its output")
         kernels = ops._kernels()
         namespace = types.SimpleNamespace(**{k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("__")})
-        setattr(namespace, name, _FailingLaunch(launches, name))
+        setattr(namespace, name, _FailingLaunch(launches, name, error))
         monkeypatch.setattr(ops, "_kernels", lambda: namespace)
         return launches
 

@@ -243,6 +243,16 @@ def test_kernel_failure_gives_torchs_result_and_turns_the_path_off(failing_kerne
     assert launches == [name]
 
 
+@interpreter_only
+def test_out_of_memory_at_a_launch_propagates_and_keeps_the_path_on(failing_kernel):
+    launches = failing_kernel("cross_entropy_forward_kernel", torch.OutOfMemoryError("simulated"))
+    logits, target = make_case(6, 200, torch.bfloat16)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        cross_entropy(logits, target)
+    assert launches == ["cross_entropy_forward_kernel"]
+    assert supports(logits, target)
+
+
 def test_gpus_the_kernels_cannot_be_built_for(monkeypatch):
     monkeypatch.setattr(ce_module, "_unusable_devices", {})
     monkeypatch.setattr(ce_module, "_capable_devices", set())

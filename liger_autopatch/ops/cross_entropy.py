@@ -335,11 +335,14 @@ def _launching(t: Tensor) -> Iterator[None]:
 
     A launch that raises did not run its kernel (Triton builds and checks it first): the
     Triton path goes off on that device and the error comes back as KernelFailure, which
-    the ops answer with torch's result.
+    the ops answer with torch's result. Running out of memory (for a launch argument) says
+    nothing about the kernels: it propagates as it is, and the path stays on.
     """
     try:
         with _on_device_of(t):
             yield
+    except torch.OutOfMemoryError:
+        raise
     except Exception as exc:
         lines = str(exc).strip().splitlines()
         reason = f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
