@@ -643,7 +643,6 @@ def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
         return ""
     if type(lm_head) is not torch.nn.Linear:
         return f"lm_head is {type(lm_head).__name__}, not torch.nn.Linear (adapted, quantized or sharded)"
-    weight = lm_head.weight
     if type(weight) is not torch.nn.Parameter or hasattr(weight, "ds_id"):
         return f"lm_head's weight is a {type(weight).__name__} (sharded)"
     return ""
