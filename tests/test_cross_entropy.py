@@ -7,6 +7,8 @@ CUDA and run the compiled kernels at real sizes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,45 @@ def test_gradient_pass_walking_rows_backwards(monkeypatch, v):
     monkeypatch.setattr(ce_module, "launch_config", lambda n_cols, device, kernel_pass: reverse)
     logits, target = make_case(5, v, torch.float32)
     check(logits, target, label_smoothing=0.1)
+
+
+@interpreter_only
+@pytest.mark.parametrize(
+    "n, v, dtype, kwargs",
+    [
+        (12, 300, torch.float32, {}),
+        (1, 300, torch.float32, {}),
+        (9, 64, torch.float32, {"label_smoothing": 0.1}),  # one block exactly
+        (8, 256, torch.bfloat16, {"label_smoothing": 0.1}),  # whole blocks only
+        (10, 130, torch.float16, {"reduction": "sum"}),
+        (7, 200, torch.bfloat16, {"softcap": 30.0, "logit_scale": 2.0, "num_items_in_batch": 9}),
+    ],
+)
+def test_first_blocks_loaded_ahead(monkeypatch, n, v, dtype, kwargs):
+    # The grid of 8-warp programs (V < 65536 on a GPU) loads each row's first block
+    # during the row before (3 programs here: rows 3 apart, some of them ignored) and the
+    # gradient pass's first block before the max/sum pass's reductions.
+    default = ce_module.launch_config
+    prefetching = []
+
+    def with_prefetch(n_cols, device, kernel_pass):
+        config = default(n_cols, device, kernel_pass)
+        prefetch = kernel_pass == "loss_and_gradient" and n_cols >= config.block
+        prefetching.append(prefetch)
+        return dataclasses.replace(config, prefetch=prefetch)
+
+    monkeypatch.setattr(ce_module, "launch_config", with_prefetch)
+    logits, target = make_case(n, v, dtype, ignored=0.3)
+    check(logits, target, grad_outputs=(1.0, 0.125, 0.125, 1.0), **kwargs)
+    assert any(prefetching)
+    # In place: the gradient overwrites the rows it reads.
+    leaf = logits.clone().requires_grad_()
+    cross_entropy(leaf * 1.0, target, **kwargs).sum().backward()
+    expected = logits.clone().requires_grad_()
+    reference(expected, target, **kwargs).sum().backward()
+    scale_of = expected.grad.abs().max().double()
+    grad_tol = 1e-5 if dtype == torch.float32 else 8e-3
+    assert (leaf.grad.double() - expected.grad.double()).abs().max() / scale_of <= grad_tol
 
 
 @interpreter_only
@@ -389,7 +430,8 @@ def test_argument_errors():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("v", [32000, 65024, 128256])  # 65024: the 32-warp grid below 65536
+# 32000 and 50304: 8-warp programs loading first blocks ahead; 65024: the 32-warp grid below 65536
+@pytest.mark.parametrize("v", [32000, 50304, 65024, 128256])
 @pytest.mark.parametrize("kwargs", [{}, {"label_smoothing": 0.1, "softcap": 30.0}, {"reduction": "none"}])
 def test_gpu_real_sizes(v, kwargs):
     logits, target = make_case(2048, v, torch.bfloat16, device="cuda", ignored=0.1)

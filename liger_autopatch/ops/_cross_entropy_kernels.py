@@ -49,9 +49,17 @@ def _chain(g, x, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_LOGIT_SCAL
 
 
 @triton.jit
+def _load_raw(row, stride_col, offs, N_COLS: tl.constexpr, MASKED: tl.constexpr, POLICY: tl.constexpr):
+    """One block of a row as stored (0 past the row's end). MASKED only for a block that
+    reaches past the row's end."""
+    if MASKED:
+        return tl.load(row + offs * stride_col, mask=offs < N_COLS, other=0.0, eviction_policy=POLICY)
+    return tl.load(row + offs * stride_col, eviction_policy=POLICY)
+
+
+@triton.jit
 def _gradient_block(
-    in_row,
-    stride_in_col,
+    z,
     out_row,
     stride_out_col,
     offs,
@@ -65,18 +73,13 @@ def _gradient_block(
     HAS_LOGIT_SCALE: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """``scale * (softmax - uniform)`` chained to d/dz, for one block of a row (the target
-    column is fixed afterwards). MASKED only for a block that reaches past the row."""
-    if MASKED:
-        mask = offs < N_COLS
-        z = tl.load(in_row + offs * stride_in_col, mask=mask, other=0.0, eviction_policy="evict_first")
-    else:
-        z = tl.load(in_row + offs * stride_in_col, eviction_policy="evict_first")
+    """``scale * (softmax - uniform)`` chained to d/dz, for one loaded block ``z`` of a row
+    (the target column is fixed afterwards)."""
     x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
     g = _chain(tl.exp2(x * LOG2E - lse2) * scale - uniform, x, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
     g = g.to(out_row.dtype.element_ty)
     if MASKED:
-        tl.store(out_row + offs * stride_out_col, g, mask=mask, cache_modifier=".cs")
+        tl.store(out_row + offs * stride_out_col, g, mask=offs < N_COLS, cache_modifier=".cs")
     else:
         tl.store(out_row + offs * stride_out_col, g, cache_modifier=".cs")
 
@@ -96,9 +99,11 @@ def _row_gradient(
     label_smoothing,
     softcap,
     logit_scale,
+    z_first,
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
     REVERSE: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Write ``scale * d loss / d z`` for one row, BLOCK columns at a time.
@@ -108,28 +113,37 @@ def _row_gradient(
     transformed logit, read before the row was overwritten when ``out_row`` is
     ``in_row``): one store per row instead of a comparison per element. Only the block
     that reaches past the row's end is masked. REVERSE walks the row from its end: the
-    blocks read last by the max/sum pass are the likeliest to still be in L2.
+    blocks read last by the max/sum pass are the likeliest to still be in L2. PREFETCH:
+    the row's first block is ``z_first``, loaded already.
     """
     full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
     has_tail: tl.constexpr = N_COLS % BLOCK != 0
     uniform = label_smoothing / N_COLS * scale
     if REVERSE and has_tail:
+        z = _load_raw(in_row, stride_in_col, full_end + cols, N_COLS, True, "evict_first")
         _gradient_block(
-            in_row, stride_in_col, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
+            z, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
         )  # fmt: skip
-    for i in range(0, full_end, BLOCK):
+    if PREFETCH:
+        _gradient_block(
+            z_first, out_row, stride_out_col, cols, N_COLS, lse2, scale, uniform,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False,
+        )  # fmt: skip
+    for i in range(BLOCK if PREFETCH else 0, full_end, BLOCK):
         if REVERSE:
             start = full_end - BLOCK - i
         else:
             start = i
+        z = _load_raw(in_row, stride_in_col, start + cols, N_COLS, False, "evict_first")
         _gradient_block(
-            in_row, stride_in_col, out_row, stride_out_col, start + cols, N_COLS, lse2, scale, uniform,
+            z, out_row, stride_out_col, start + cols, N_COLS, lse2, scale, uniform,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False,
         )  # fmt: skip
     if not REVERSE and has_tail:
+        z = _load_raw(in_row, stride_in_col, full_end + cols, N_COLS, True, "evict_first")
         _gradient_block(
-            in_row, stride_in_col, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
+            z, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
         )  # fmt: skip
     if (target >= 0) & (target < N_COLS):
@@ -141,9 +155,8 @@ def _row_gradient(
 
 
 @triton.jit
-def _load_block(
-    logits_row,
-    stride_logits_col,
+def _transformed(
+    z,
     offs,
     N_COLS: tl.constexpr,
     softcap,
@@ -152,17 +165,12 @@ def _load_block(
     HAS_LOGIT_SCALE: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """One block of a row for the max/sum pass: the transformed logits in base 2
-    (``x * log2(e)``, -inf past the row's end) and the transformed logits (0 past the
-    row's end). Loaded to stay in L2 for the gradient pass that reads the row again.
-    MASKED only for a block that reaches past the row."""
-    if MASKED:
-        mask = offs < N_COLS
-        z = tl.load(logits_row + offs * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
-    else:
-        z = tl.load(logits_row + offs * stride_logits_col, eviction_policy="evict_last")
+    """One loaded block ``z`` of a row for the max/sum pass: the transformed logits in
+    base 2 (``x * log2(e)``, -inf past the row's end) and the transformed logits (0 past
+    the row's end)."""
     x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
     if MASKED:
+        mask = offs < N_COLS
         return tl.where(mask, x * LOG2E, -float("inf")), tl.where(mask, x, 0.0)
     return x * LOG2E, x
 
@@ -186,10 +194,9 @@ def _row_max_sum_online(
     s = 0.0
     sum_x = 0.0
     for start in range(0, N_COLS, BLOCK):
-        x2, x = _load_block(
-            logits_row, stride_logits_col, start + cols, N_COLS, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
-        )  # fmt: skip
+        offs = start + cols
+        z = _load_raw(logits_row, stride_logits_col, offs, N_COLS, True, "evict_last")
+        x2, x = _transformed(z, offs, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True)
         m2_new = tl.maximum(m2, tl.max(x2, axis=0))
         # All -inf so far: keep the sum 0 instead of exp2(-inf - -inf) = NaN.
         shift = tl.where(m2_new == -float("inf"), 0.0, m2_new)
@@ -206,8 +213,7 @@ def _add_block(
     lane_max,
     lane_sum_x,
     shift,
-    logits_row,
-    stride_logits_col,
+    z,
     offs,
     N_COLS: tl.constexpr,
     softcap,
@@ -217,11 +223,8 @@ def _add_block(
     HAS_SMOOTHING: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """One more block into the lanes of _row_max_sum: sums of exp2(x2 - shift), maxima of
-    x2 and (with label smoothing) sums of x."""
-    x2, x = _load_block(
-        logits_row, stride_logits_col, offs, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, MASKED
-    )
+    """One more loaded block ``z`` into the lanes of _row_lanes."""
+    x2, x = _transformed(z, offs, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, MASKED)
     lane_sum += tl.exp2(x2 - shift)
     lane_max = tl.maximum(lane_max, x2)
     if HAS_SMOOTHING:
@@ -230,12 +233,60 @@ def _add_block(
 
 
 @triton.jit
-def _row_max_sum(
+def _row_lanes(
     logits_row,
     stride_logits_col,
     cols,
     N_COLS: tl.constexpr,
-    x_target,
+    shift,
+    z_first,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The max/sum pass over one row, per lane: sums of exp2(x2 - shift), maxima of x2 and
+    (with label smoothing) sums of x, reduced by _row_max_sum. With no barrier in the loop,
+    a program keeps loads in flight back to back. Loads stay in L2 for the gradient pass
+    that reads the row again. PREFETCH: the row's first block is ``z_first``, loaded
+    already. Only the block that reaches past the row's end is masked."""
+    full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
+    lane_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    lane_max = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+    lane_sum_x = tl.zeros([BLOCK], dtype=tl.float32)
+    if PREFETCH:
+        lane_sum, lane_max, lane_sum_x = _add_block(
+            lane_sum, lane_max, lane_sum_x, shift, z_first, cols, N_COLS,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False,
+        )  # fmt: skip
+    for start in range(BLOCK if PREFETCH else 0, full_end, BLOCK):
+        z = _load_raw(logits_row, stride_logits_col, start + cols, N_COLS, False, "evict_last")
+        lane_sum, lane_max, lane_sum_x = _add_block(
+            lane_sum, lane_max, lane_sum_x, shift, z, start + cols, N_COLS,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False,
+        )  # fmt: skip
+    if N_COLS % BLOCK != 0:
+        z = _load_raw(logits_row, stride_logits_col, full_end + cols, N_COLS, True, "evict_last")
+        lane_sum, lane_max, lane_sum_x = _add_block(
+            lane_sum, lane_max, lane_sum_x, shift, z, full_end + cols, N_COLS,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, True,
+        )  # fmt: skip
+    return lane_sum, lane_max, lane_sum_x
+
+
+@triton.jit
+def _row_max_sum(
+    lane_sum,
+    lane_max,
+    lane_sum_x,
+    shift,
+    logits_row,
+    stride_logits_col,
+    cols,
+    N_COLS: tl.constexpr,
     softcap,
     logit_scale,
     HAS_SOFTCAP: tl.constexpr,
@@ -243,33 +294,15 @@ def _row_max_sum(
     HAS_SMOOTHING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """What _row_max_sum_online computes, with no block-wide reduction inside the loop.
+    """What _row_max_sum_online computes, from the lanes of _row_lanes: reduced once per
+    row instead of twice per block.
 
-    Each lane sums exp2(x2 - shift) against one shift, the target's logit ``x_target``
-    (transformed, in base e; 0 if not finite), and keeps its own max; the lanes are
-    reduced once at the end. With no barrier in the loop and no reduction before it, a
-    program keeps loads in flight back to back. The fixed shift is exact scaling: the
-    target's own term makes the sum at least 1. It fails only when the row max exceeds
-    the shift by more than 64 (the sum could overflow: a loss above 44 nats) or the sum
-    came out below 1 (a target logit that is not finite): such rows take the online loop
-    instead. Only the block that reaches past the row's end is masked.
+    The lanes sum against one shift, the target's logit (transformed, in base 2; 0 if
+    not finite; see :func:`_shift`). The fixed shift is exact scaling: the target's own
+    term makes the sum at least 1. It fails only when the row max exceeds the shift by
+    more than 64 (the sum could overflow: a loss above 44 nats) or the sum came out below
+    1 (a target logit that is not finite): such rows take the online loop instead.
     """
-    full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
-    shift = x_target * LOG2E
-    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
-    lane_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    lane_max = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
-    lane_sum_x = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, full_end, BLOCK):
-        lane_sum, lane_max, lane_sum_x = _add_block(
-            lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, start + cols, N_COLS,
-            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False,
-        )  # fmt: skip
-    if N_COLS % BLOCK != 0:
-        lane_sum, lane_max, lane_sum_x = _add_block(
-            lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, full_end + cols, N_COLS,
-            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, True,
-        )  # fmt: skip
     m2 = tl.max(lane_max, axis=0)
     s = tl.sum(lane_sum, axis=0) * tl.exp2(shift - tl.where(m2 == -float("inf"), 0.0, m2))
     sum_x = tl.sum(lane_sum_x, axis=0)
@@ -279,6 +312,13 @@ def _row_max_sum(
             HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK,
         )  # fmt: skip
     return m2, s, sum_x
+
+
+@triton.jit
+def _shift(x_target):
+    """The lanes' shift: the target's transformed logit in base 2, 0 if not finite."""
+    shift = x_target * LOG2E
+    return tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
 
 
 @triton.jit
@@ -358,10 +398,27 @@ def _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows,
 
 
 @triton.jit
+def _first_block(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, ignore_index, cols, PREFETCH: tl.constexpr):
+    """With PREFETCH, the first block of row ``row`` (nothing is read for an ignored row or
+    past the last row); without, a placeholder that is never read."""
+    if PREFETCH:
+        needed = (row < n_rows) & (target != ignore_index) & (cols >= 0)
+        ptrs = logits_ptr + row * stride_logits_row + cols * stride_logits_col
+        block = tl.load(ptrs, mask=needed, other=0.0, eviction_policy="evict_last")
+    else:
+        block = tl.zeros([1], dtype=tl.int8)
+    return block
+
+
+@triton.jit
 def _forward_row(
     row,
     target,
     z_t,
+    z_first,
+    next_row,
+    next_target,
+    n_rows,
     logits_ptr,
     stride_logits_row,
     stride_logits_col,
@@ -383,11 +440,21 @@ def _forward_row(
     STORE_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     REVERSE: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """Loss (and lse, gradient) of one row. Returns what _first_block gives for
+    ``next_row``: with PREFETCH that block is loaded here, before this row's gradient
+    pass, so that it arrives while the pass runs."""
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
+    z_next = z_first
     if target == ignore_index:
+        if PREFETCH:
+            z_next = _first_block(
+                logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target,
+                ignore_index, cols, PREFETCH,
+            )  # fmt: skip
         tl.store(loss_ptr + row, 0.0)
         if STORE_LSE:
             tl.store(lse_ptr + row, 0.0)
@@ -396,12 +463,21 @@ def _forward_row(
     else:
         in_range = (target >= 0) & (target < N_COLS)
         x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-        m2, s, sum_x = _row_max_sum(
-            logits_row, stride_logits_col, cols, N_COLS, x_t, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK,
+        shift = _shift(x_t)
+        lane_sum, lane_max, lane_sum_x = _row_lanes(
+            logits_row, stride_logits_col, cols, N_COLS, shift, z_first, softcap, logit_scale,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, PREFETCH, BLOCK,
         )  # fmt: skip
-        shift = tl.where(m2 == -float("inf"), 0.0, m2)
-        lse2 = shift + tl.log2(s)
+        z_grad_first = z_first
+        if PREFETCH:
+            # The gradient pass's first block, loaded before the lanes are reduced so that
+            # the reductions hide its latency.
+            z_grad_first = _load_raw(logits_row, stride_logits_col, cols, N_COLS, False, "evict_first")
+        m2, s, sum_x = _row_max_sum(
+            lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, cols, N_COLS,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK,
+        )  # fmt: skip
+        lse2 = tl.where(m2 == -float("inf"), 0.0, m2) + tl.log2(s)
         loss = lse2 * LN2 - (1.0 - label_smoothing) * x_t
         if HAS_SMOOTHING:
             loss -= label_smoothing / N_COLS * sum_x
@@ -409,12 +485,18 @@ def _forward_row(
         tl.store(loss_ptr + row, loss)
         if STORE_LSE:
             tl.store(lse_ptr + row, lse2)
+        if PREFETCH:
+            z_next = _first_block(
+                logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target,
+                ignore_index, cols, PREFETCH,
+            )  # fmt: skip
         if WRITE_GRAD:
             _row_gradient(
                 logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
-                target, x_t, lse2, scale, label_smoothing, softcap, logit_scale,
-                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, BLOCK,
-            )
+                target, x_t, lse2, scale, label_smoothing, softcap, logit_scale, z_grad_first,
+                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, PREFETCH, BLOCK,
+            )  # fmt: skip
+    return z_next
 
 
 @triton.jit
@@ -445,6 +527,7 @@ def cross_entropy_forward_kernel(
     WRITE_GRAD: tl.constexpr,
     HAS_DENOMINATOR: tl.constexpr,
     REVERSE: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Per-row loss (unreduced, float32), optionally lse (base 2) and the gradient.
@@ -462,20 +545,27 @@ def cross_entropy_forward_kernel(
     # A program reads its next row's target logit, and the target of the row after that,
     # while it works on the current row: the max/sum pass needs the target's logit before
     # its first load, and the two reads depend on each other, so they are issued one row
-    # apart. (A while loop: the interpreter cannot run range() over run-time bounds.)
+    # apart. With PREFETCH it also reads the next row's first block during the current
+    # row (_forward_row). (A while loop: the interpreter cannot run range() over run-time
+    # bounds.)
+    tl.static_assert(not PREFETCH or (WRITE_GRAD and not REVERSE and N_COLS >= BLOCK))
     row = pid.to(tl.int64)
     target = _row_target(target_ptr, stride_target, row, n_rows, ignore_index)
     z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, N_COLS)
     next_target = _row_target(target_ptr, stride_target, row + n_programs, n_rows, ignore_index)
+    z_first = _first_block(
+        logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, ignore_index, cols, PREFETCH
+    )
     while row < n_rows:
         next_row = row + n_programs
         next_z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target, N_COLS)
         target_after = _row_target(target_ptr, stride_target, next_row + n_programs, n_rows, ignore_index)
-        _forward_row(
-            row, target, z_t, logits_ptr, stride_logits_row, stride_logits_col,
+        z_first = _forward_row(
+            row, target, z_t, z_first, next_row, next_target, n_rows,
+            logits_ptr, stride_logits_row, stride_logits_col,
             loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
             cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, BLOCK,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, PREFETCH, BLOCK,
         )  # fmt: skip
         row = next_row
         target, z_t, next_target = next_target, next_z_t, target_after
@@ -536,7 +626,7 @@ def cross_entropy_backward_kernel(
             _row_gradient(
                 logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
                 target, x_t, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
-                logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, BLOCK,
+                logit_scale, 0, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, False, BLOCK,
             )  # fmt: skip
         row += n_programs
 
