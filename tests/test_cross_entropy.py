@@ -440,6 +440,41 @@ def test_gpu_real_sizes(v, kwargs):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize(
+    "v, dtype, view",
+    [
+        (100003, torch.bfloat16, "whole"),  # rows that do not start on 16 bytes
+        (128256, torch.float32, "whole"),
+        (98304, torch.bfloat16, "columns 3 on of wider rows"),
+        (98304, torch.bfloat16, "every other column"),  # not contiguous: no bulk prefetch
+    ],
+)
+def test_gpu_rows_fetched_into_l2_ahead(v, dtype, view):
+    # On Hopper the 32-warp grid has the TMA unit fetch blocks into L2 ahead of its loads,
+    # each range cut to whole 16-byte units inside its row.
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert ce_module.launch_config(v, torch.device("cuda"), "loss_and_gradient").l2_prefetch
+    width = {"whole": v, "columns 3 on of wider rows": v + 11, "every other column": 2 * v}[view]
+    base, target = make_case(1024, width, dtype, device="cuda", ignored=0.1)
+
+    def logits_of(t):
+        return {"whole": t, "columns 3 on of wider rows": t[:, 3 : 3 + v], "every other column": t[:, ::2]}[view]
+
+    target = target.clamp(max=v - 1)
+    for grad_output in (1.0, 0.125, 0.125):
+        leaf = base.clone().requires_grad_()
+        loss = cross_entropy(logits_of(leaf), target)
+        (loss * grad_output).backward()
+        expected = base.double().requires_grad_()
+        expected_loss = reference(logits_of(expected), target)
+        (expected_loss * grad_output).backward()
+        torch.testing.assert_close(loss.double(), expected_loss.detach(), rtol=1e-5, atol=1e-6)
+        error = (leaf.grad.double() - expected.grad).abs().max() / expected.grad.abs().max()
+        assert error <= (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+@gpu
+@needs_cuda
 def test_gpu_64bit_offsets():
     n, v = 16384, 262144  # n * v = 2^32 elements, 8 GiB of bf16
     logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)

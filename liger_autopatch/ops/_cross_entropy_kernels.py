@@ -58,6 +58,27 @@ def _load_raw(row, stride_col, offs, N_COLS: tl.constexpr, MASKED: tl.constexpr,
 
 
 @triton.jit
+def _prefetch_to_l2(row, first, count, N_COLS: tl.constexpr):
+    """Have the TMA unit bring columns [first, first + count) of a contiguous row (clipped
+    to the row, cut to whole 16-byte units inside it) into L2: one instruction of one
+    thread (Hopper's ``cp.async.bulk.prefetch.L2``), no registers held, no value changed.
+    Nothing is fetched where the range is empty."""
+    end = tl.minimum(first + count, N_COLS)
+    start_address = ((row + first).to(tl.int64, bitcast=True) + 15) & -16
+    end_address = (row + end).to(tl.int64, bitcast=True) & -16
+    nbytes = (end_address - start_address).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+        "setp.gt.and.s32 p, $2, 0, p; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [start_address, nbytes],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _gradient_block(
     z,
     out_row,
@@ -246,13 +267,15 @@ def _row_lanes(
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     PREFETCH: tl.constexpr,
+    L2_PREFETCH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """The max/sum pass over one row, per lane: sums of exp2(x2 - shift), maxima of x2 and
     (with label smoothing) sums of x, reduced by _row_max_sum. With no barrier in the loop,
     a program keeps loads in flight back to back. Loads stay in L2 for the gradient pass
     that reads the row again. PREFETCH: the row's first block is ``z_first``, loaded
-    already. Only the block that reaches past the row's end is masked."""
+    already. L2_PREFETCH: each block asks for the next one in L2 before it is loaded. Only
+    the block that reaches past the row's end is masked."""
     full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
     lane_sum = tl.zeros([BLOCK], dtype=tl.float32)
     lane_max = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
@@ -263,6 +286,8 @@ def _row_lanes(
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False,
         )  # fmt: skip
     for start in range(BLOCK if PREFETCH else 0, full_end, BLOCK):
+        if L2_PREFETCH:
+            _prefetch_to_l2(logits_row, start + BLOCK, BLOCK, N_COLS)
         z = _load_raw(logits_row, stride_logits_col, start + cols, N_COLS, False, "evict_last")
         lane_sum, lane_max, lane_sum_x = _add_block(
             lane_sum, lane_max, lane_sum_x, shift, z, start + cols, N_COLS,
@@ -441,15 +466,21 @@ def _forward_row(
     WRITE_GRAD: tl.constexpr,
     REVERSE: tl.constexpr,
     PREFETCH: tl.constexpr,
+    L2_PREFETCH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Loss (and lse, gradient) of one row. Returns what _first_block gives for
     ``next_row``: with PREFETCH that block is loaded here, before this row's gradient
-    pass, so that it arrives while the pass runs."""
+    pass, so that it arrives while the pass runs. With L2_PREFETCH the next row's first
+    block is asked for in L2 at the same point."""
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
     z_next = z_first
+    if L2_PREFETCH:
+        next_needed = (next_row < n_rows) & (next_target != ignore_index)
     if target == ignore_index:
+        if L2_PREFETCH:
+            _prefetch_to_l2(logits_ptr + next_row * stride_logits_row, 0, tl.where(next_needed, BLOCK, 0), N_COLS)
         if PREFETCH:
             z_next = _first_block(
                 logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target,
@@ -466,7 +497,7 @@ def _forward_row(
         shift = _shift(x_t)
         lane_sum, lane_max, lane_sum_x = _row_lanes(
             logits_row, stride_logits_col, cols, N_COLS, shift, z_first, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, PREFETCH, BLOCK,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, PREFETCH, L2_PREFETCH, BLOCK,
         )  # fmt: skip
         z_grad_first = z_first
         if PREFETCH:
@@ -490,6 +521,8 @@ def _forward_row(
                 logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target,
                 ignore_index, cols, PREFETCH,
             )  # fmt: skip
+        if L2_PREFETCH:
+            _prefetch_to_l2(logits_ptr + next_row * stride_logits_row, 0, tl.where(next_needed, BLOCK, 0), N_COLS)
         if WRITE_GRAD:
             _row_gradient(
                 logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
@@ -528,6 +561,7 @@ def cross_entropy_forward_kernel(
     HAS_DENOMINATOR: tl.constexpr,
     REVERSE: tl.constexpr,
     PREFETCH: tl.constexpr,
+    L2_PREFETCH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Per-row loss (unreduced, float32), optionally lse (base 2) and the gradient.
@@ -565,7 +599,8 @@ def cross_entropy_forward_kernel(
             logits_ptr, stride_logits_row, stride_logits_col,
             loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
             cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, PREFETCH, BLOCK,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, PREFETCH,
+            L2_PREFETCH, BLOCK,
         )  # fmt: skip
         row = next_row
         target, z_t, next_target = next_target, next_z_t, target_after
