@@ -405,14 +405,15 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
         # One program of 1024 threads per SM: few enough rows in flight that the gradient
         # pass finds much of its row still in L2, enough loads to fill DRAM. Its loads are
         # what limits it, and its 64 registers a thread leave none to load further ahead:
-        # from 65536 columns on Hopper the TMA unit fetches the next block into L2 instead
-        # (H200: 3-8% faster at V = 98304-262144, 5-7% slower at 65024; NOTES-ce, v24).
+        # from five blocks a row on Hopper the TMA unit fetches the next block into L2
+        # instead (H200: 2-9% faster at V = 81920-262144, 4-10% in place; 8-9% slower at
+        # 65024 and 65536; NOTES-ce, v24).
         return LaunchConfig(
             block=16384,
             num_warps=32,
             programs_per_sm=1,
             reverse=n_cols >= 196608,
-            l2_prefetch=n_cols >= 65536 and _properties(device).major == 9,
+            l2_prefetch=n_cols >= 81920 and _properties(device).major == 9,
         )
     if n_cols < 65536:
         num_warps = 8 if block >= 4096 else 4
