@@ -444,14 +444,15 @@ def test_gpu_real_sizes(v, kwargs):
     "v, dtype, view",
     [
         (100003, torch.bfloat16, "whole"),  # rows that do not start on 16 bytes
+        (40961, torch.bfloat16, "whole"),  # the same in the 8-warp grid
         (128256, torch.float32, "whole"),
         (98304, torch.bfloat16, "columns 3 on of wider rows"),
         (98304, torch.bfloat16, "every other column"),  # not contiguous: no bulk prefetch
     ],
 )
 def test_gpu_rows_fetched_into_l2_ahead(v, dtype, view):
-    # On Hopper the 32-warp grid has the TMA unit fetch blocks into L2 ahead of its loads,
-    # each range cut to whole 16-byte units inside its row.
+    # On Hopper the gradient-writing kernel has the TMA unit fetch blocks into L2 ahead of
+    # its loads, each range cut to whole 16-byte units inside its row.
     if torch.cuda.get_device_capability()[0] == 9:
         assert ce_module.launch_config(v, torch.device("cuda"), "loss_and_gradient").l2_prefetch
     width = {"whole": v, "columns 3 on of wider rows": v + 11, "every other column": 2 * v}[view]

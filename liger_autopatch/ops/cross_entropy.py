@@ -404,16 +404,14 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
     if kernel_pass == "loss_and_gradient" and _one_program_per_sm(n_cols):
         # One program of 1024 threads per SM: few enough rows in flight that the gradient
         # pass finds much of its row still in L2, enough loads to fill DRAM. Its loads are
-        # what limits it, and its 64 registers a thread leave none to load further ahead:
-        # from five blocks a row on Hopper the TMA unit fetches the next block into L2
-        # instead (H200: 2-9% faster at V = 81920-262144, 4-10% in place; 8-9% slower at
-        # 65024 and 65536; NOTES-ce, v24).
+        # what limits it, and its 64 registers a thread leave none to load further ahead
+        # (see _fetches_into_l2).
         return LaunchConfig(
             block=16384,
             num_warps=32,
             programs_per_sm=1,
             reverse=n_cols >= 196608,
-            l2_prefetch=n_cols >= 81920 and _properties(device).major == 9,
+            l2_prefetch=_fetches_into_l2(n_cols, 16384, device),
         )
     if n_cols < 65536:
         num_warps = 8 if block >= 4096 else 4
@@ -428,8 +426,18 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
             programs_per_sm=2 if two_per_sm else 4,
             reverse=False,
             prefetch=two_per_sm and n_cols >= block,
+            l2_prefetch=two_per_sm and _fetches_into_l2(n_cols, block, device),
         )
     return LaunchConfig(block=8192, num_warps=16 if n_cols < 196608 else 8, programs_per_sm=2, reverse=True)
+
+
+def _fetches_into_l2(n_cols: int, block: int, device: torch.device) -> bool:
+    """Whether the gradient-writing pass has the TMA unit fetch each next block into L2:
+    on Hopper (the instruction needs compute capability 9.0, and that is where it was
+    measured), for rows of more than four blocks. H200, kernel alone: 2-9% faster at V =
+    81920-262144 in the 32-warp grid and 4-6% at V = 36864-57344 in the 8-warp grid; 1-9%
+    slower at four blocks or fewer (V = 32000, 65024, 65536; NOTES-ce, v24 and v26)."""
+    return n_cols > 4 * block and _properties(device).major == 9
 
 
 def _one_program_per_sm(n_cols: int) -> bool:
