@@ -433,11 +433,12 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
 
 def _fetches_into_l2(n_cols: int, block: int, device: torch.device) -> bool:
     """Whether the gradient-writing pass has the TMA unit fetch each next block into L2:
-    on Hopper (the instruction needs compute capability 9.0, and that is where it was
-    measured), for rows of more than four blocks. H200, kernel alone: 2-9% faster at V =
-    81920-262144 in the 32-warp grid and 4-6% at V = 36864-57344 in the 8-warp grid; 1-9%
-    slower at four blocks or fewer (V = 32000, 65024, 65536; NOTES-ce, v24 and v26)."""
-    return n_cols > 4 * block and _properties(device).major == 9
+    on NVIDIA Hopper (the PTX instruction needs compute capability 9.0, and that is where
+    it was measured; ROCm reports a major version of 9 too), for rows of more than four
+    blocks. H200, kernel alone: 2-9% faster at V = 81920-262144 in the 32-warp grid and
+    4-6% at V = 36864-57344 in the 8-warp grid; 1-9% slower at four blocks or fewer
+    (V = 32000, 65024, 65536; NOTES-ce, v24 and v26)."""
+    return n_cols > 4 * block and torch.version.hip is None and _properties(device).major == 9
 
 
 def _one_program_per_sm(n_cols: int) -> bool:
