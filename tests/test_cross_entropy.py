@@ -320,7 +320,7 @@ def test_l2_fetches_only_on_nvidia_hopper_for_rows_of_more_than_four_blocks(monk
     monkeypatch.setattr(
         torch.cuda,
         "get_device_properties",
-        lambda device: type("Properties", (), {"major": major_of[device.index], "multi_processor_count": 132}),
+        lambda device: type("Properties", (), {"major": major_of[device.index], "minor": 0, "multi_processor_count": 132}),
     )
 
     def fetches(v, index):
@@ -332,6 +332,24 @@ def test_l2_fetches_only_on_nvidia_hopper_for_rows_of_more_than_four_blocks(monk
     assert not ce_module.launch_config(128256, torch.device("cuda", 0), "loss").l2_prefetch
     monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm reports major 9 for MI300
     assert not fetches(128256, 0)
+
+
+def test_first_blocks_not_loaded_ahead_where_the_kernel_would_spill(monkeypatch):
+    # Compiled for compute capability 7.0 (V100) the 8-warp kernel spills with the blocks
+    # it loads ahead (NOTES-ce v23); from 7.5 it does not.
+    capability_of = {0: (7, 0), 1: (7, 5), 2: (9, 0)}
+    monkeypatch.setattr(ce_module, "_device_properties", {})
+
+    def properties(device):
+        major, minor = capability_of[device.index]
+        return type("Properties", (), {"major": major, "minor": minor, "multi_processor_count": 80})
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    loads_ahead = [
+        ce_module.launch_config(32000, torch.device("cuda", index), "loss_and_gradient").prefetch
+        for index in range(3)
+    ]
+    assert loads_ahead == [False, True, True]
 
 
 class _Probe(torch.autograd.Function):

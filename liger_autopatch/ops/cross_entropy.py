@@ -419,13 +419,15 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
         # fit on an SM (the kernel is compiled to that limit, see run_forward_kernel).
         two_per_sm = kernel_pass == "loss_and_gradient" and num_warps == 8
         # Loading each pass's first block ahead: 6% faster at V=32000, 2% at 50304 (5% in
-        # place) on an H200; the 32-warp grid above loses with it (NOTES-ce, v23).
+        # place) on an H200; the 32-warp grid above loses with it (NOTES-ce, v23). Not on
+        # compute capability 7.0, where the registers it takes make the kernel spill.
+        properties = _properties(device)
         return LaunchConfig(
             block=block,
             num_warps=num_warps,
             programs_per_sm=2 if two_per_sm else 4,
             reverse=False,
-            prefetch=two_per_sm and n_cols >= block,
+            prefetch=two_per_sm and n_cols >= block and (properties.major, properties.minor) > (7, 0),
             l2_prefetch=two_per_sm and _fetches_into_l2(n_cols, block, device),
         )
     return LaunchConfig(block=8192, num_warps=16 if n_cols < 196608 else 8, programs_per_sm=2, reverse=True)
