@@ -423,16 +423,40 @@ def _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows,
 
 
 @triton.jit
-def _first_block(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, ignore_index, cols, PREFETCH: tl.constexpr):
-    """With PREFETCH, the first block of row ``row`` (nothing is read for an ignored row or
-    past the last row); without, a placeholder that is never read."""
+def _first_block(logits_ptr, stride_logits_row, stride_logits_col, row, needed, cols, PREFETCH: tl.constexpr):
+    """With PREFETCH, the first block of row ``row`` where ``needed`` (a row that is not
+    ignored and not past the last row); without, a placeholder that is never read."""
     if PREFETCH:
-        needed = (row < n_rows) & (target != ignore_index) & (cols >= 0)
         ptrs = logits_ptr + row * stride_logits_row + cols * stride_logits_col
-        block = tl.load(ptrs, mask=needed, other=0.0, eviction_policy="evict_last")
+        block = tl.load(ptrs, mask=needed & (cols >= 0), other=0.0, eviction_policy="evict_last")
     else:
         block = tl.zeros([1], dtype=tl.int8)
     return block
+
+
+@triton.jit
+def _start_next_row(
+    z_first,
+    logits_ptr,
+    stride_logits_row,
+    stride_logits_col,
+    next_row,
+    next_needed,
+    cols,
+    N_COLS: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    L2_PREFETCH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Start reading the program's next row where ``next_needed``: with PREFETCH its first
+    block into registers (returned; without, ``z_first`` is returned as it is), with
+    L2_PREFETCH its first block into L2."""
+    z_next = z_first
+    if PREFETCH:
+        z_next = _first_block(logits_ptr, stride_logits_row, stride_logits_col, next_row, next_needed, cols, PREFETCH)
+    if L2_PREFETCH:
+        _prefetch_to_l2(logits_ptr + next_row * stride_logits_row, 0, tl.where(next_needed, BLOCK, 0), N_COLS)
+    return z_next
 
 
 @triton.jit
@@ -469,23 +493,18 @@ def _forward_row(
     L2_PREFETCH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Loss (and lse, gradient) of one row. Returns what _first_block gives for
-    ``next_row``: with PREFETCH that block is loaded here, before this row's gradient
-    pass, so that it arrives while the pass runs. With L2_PREFETCH the next row's first
-    block is asked for in L2 at the same point."""
+    """Loss (and lse, gradient) of one row. Returns what _start_next_row gives: the next
+    row is started before this row's gradient pass, so that its first block arrives while
+    the pass runs."""
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
-    z_next = z_first
-    if L2_PREFETCH:
-        next_needed = (next_row < n_rows) & (next_target != ignore_index)
+    # Nothing is read ahead for an ignored row or past the last row.
+    next_needed = (next_row < n_rows) & (next_target != ignore_index)
     if target == ignore_index:
-        if L2_PREFETCH:
-            _prefetch_to_l2(logits_ptr + next_row * stride_logits_row, 0, tl.where(next_needed, BLOCK, 0), N_COLS)
-        if PREFETCH:
-            z_next = _first_block(
-                logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target,
-                ignore_index, cols, PREFETCH,
-            )  # fmt: skip
+        z_next = _start_next_row(
+            z_first, logits_ptr, stride_logits_row, stride_logits_col, next_row, next_needed, cols,
+            N_COLS, PREFETCH, L2_PREFETCH, BLOCK,
+        )  # fmt: skip
         tl.store(loss_ptr + row, 0.0)
         if STORE_LSE:
             tl.store(lse_ptr + row, 0.0)
@@ -516,13 +535,10 @@ def _forward_row(
         tl.store(loss_ptr + row, loss)
         if STORE_LSE:
             tl.store(lse_ptr + row, lse2)
-        if PREFETCH:
-            z_next = _first_block(
-                logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target,
-                ignore_index, cols, PREFETCH,
-            )  # fmt: skip
-        if L2_PREFETCH:
-            _prefetch_to_l2(logits_ptr + next_row * stride_logits_row, 0, tl.where(next_needed, BLOCK, 0), N_COLS)
+        z_next = _start_next_row(
+            z_first, logits_ptr, stride_logits_row, stride_logits_col, next_row, next_needed, cols,
+            N_COLS, PREFETCH, L2_PREFETCH, BLOCK,
+        )  # fmt: skip
         if WRITE_GRAD:
             _row_gradient(
                 logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
@@ -588,7 +604,7 @@ def cross_entropy_forward_kernel(
     z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, N_COLS)
     next_target = _row_target(target_ptr, stride_target, row + n_programs, n_rows, ignore_index)
     z_first = _first_block(
-        logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, ignore_index, cols, PREFETCH
+        logits_ptr, stride_logits_row, stride_logits_col, row, (row < n_rows) & (target != ignore_index), cols, PREFETCH
     )
     while row < n_rows:
         next_row = row + n_programs
