@@ -336,7 +336,7 @@ def test_l2_fetches_only_on_nvidia_hopper_for_rows_of_more_than_four_blocks(monk
 
 def test_first_blocks_not_loaded_ahead_where_the_kernel_would_spill(monkeypatch):
     # Compiled for compute capability 7.0 (V100) the 8-warp kernel spills with the blocks
-    # it loads ahead (NOTES-ce v23); from 7.5 it does not.
+    # it loads ahead (NOTES-ce v27); from 7.5 it does not.
     capability_of = {0: (7, 0), 1: (7, 5), 2: (9, 0)}
     monkeypatch.setattr(ce_module, "_device_properties", {})
 

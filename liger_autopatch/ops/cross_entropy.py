@@ -362,19 +362,19 @@ def _kernels() -> ModuleType:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block size (columns per step), warps per program, programs per SM, whether the
-    gradient pass of the forward kernel walks rows from their end (the blocks read last
-    by the max/sum pass are likeliest to be in L2), and whether the gradient-writing
-    forward kernel loads the first block of each pass ahead (before the reductions that
-    end the max/sum pass, and during the previous row's gradient pass)."""
+    """Block size (columns per step), warps per program, programs per SM, and for the
+    gradient-writing forward kernel: whether its gradient pass walks rows from their end
+    (the blocks read last by the max/sum pass are likeliest to be in L2), whether it loads
+    the first block of each pass ahead into registers (before the reductions that end the
+    max/sum pass, and during the previous row's gradient pass), and whether it has the
+    TMA unit fetch each next block of the max/sum pass, and the next row's first block,
+    into L2 (Hopper only; rows with contiguous columns)."""
 
     block: int
     num_warps: int
     programs_per_sm: int
     reverse: bool
     prefetch: bool = False
-    # The forward kernel also has the TMA unit fetch each next block of the max/sum pass,
-    # and the next row's first block, into L2 (Hopper only; for rows with contiguous columns).
     l2_prefetch: bool = False
 
     @property
