@@ -296,14 +296,15 @@ def test_out_of_memory_at_a_launch_propagates_and_keeps_the_path_on(failing_kern
 
 def test_gpus_the_kernels_cannot_be_built_for(monkeypatch):
     monkeypatch.setattr(ce_module, "_unusable_devices", {})
-    monkeypatch.setattr(ce_module, "_capable_devices", set())
+    monkeypatch.setattr(ce_module, "_device_properties", {})
     asked = []
 
-    def capability(device):
+    def properties(device):
         asked.append(device)
-        return {0: (6, 0), 1: (7, 5)}[device.index]
+        major, minor = {0: (6, 0), 1: (7, 5)}[device.index]
+        return type("Properties", (), {"major": major, "minor": minor})
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
     reason = ce_module.unusable_reason(torch.device("cuda", 0))
     assert reason is not None and "compute capability 6.0" in reason and "7.0" in reason
     assert ce_module.unusable_reason(torch.device("cuda", 1)) is None

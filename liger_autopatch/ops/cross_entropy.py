@@ -66,22 +66,18 @@ MIN_CAPABILITY = (7, 0)
 # Devices the Triton path is off on, with the reason: found too old, or a kernel that
 # failed to build or launch there (see the module docstring).
 _unusable_devices: dict[torch.device, str] = {}
-# CUDA devices whose compute capability was found new enough (asked once per device).
-_capable_devices: set[torch.device] = set()
 
 
 def unusable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels do not run on ``device``, or None where they do."""
     reason = _unusable_devices.get(device)
-    if reason is None and device.type == "cuda" and device not in _capable_devices:
-        capability = torch.cuda.get_device_capability(device)
+    if reason is None and device.type == "cuda":
+        capability = _capability(device)
         if capability < MIN_CAPABILITY:
             reason = _unusable_devices[device] = (
                 f"compute capability {capability[0]}.{capability[1]}; the Triton kernels need "
                 f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer"
             )
-        else:
-            _capable_devices.add(device)
     return reason
 
 
@@ -421,13 +417,12 @@ def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) ->
         # Loading each pass's first block ahead: 6% faster at V=32000, 2% at 50304 (5% in
         # place) on an H200; the 32-warp grid above loses with it (NOTES-ce, v23). Not on
         # compute capability 7.0, where the registers it takes make the kernel spill.
-        properties = _properties(device)
         return LaunchConfig(
             block=block,
             num_warps=num_warps,
             programs_per_sm=2 if two_per_sm else 4,
             reverse=False,
-            prefetch=two_per_sm and n_cols >= block and (properties.major, properties.minor) > (7, 0),
+            prefetch=two_per_sm and n_cols >= block and _capability(device) > (7, 0),
             l2_prefetch=two_per_sm and _fetches_into_l2(n_cols, block, device),
         )
     return LaunchConfig(block=8192, num_warps=16 if n_cols < 196608 else 8, programs_per_sm=2, reverse=True)
@@ -440,7 +435,7 @@ def _fetches_into_l2(n_cols: int, block: int, device: torch.device) -> bool:
     blocks. H200, kernel alone: 2-9% faster at V = 81920-262144 in the 32-warp grid and
     4-6% at V = 36864-57344 in the 8-warp grid; 1-9% slower at four blocks or fewer
     (V = 32000, 65024, 65536; NOTES-ce, v24 and v26)."""
-    return n_cols > 4 * block and torch.version.hip is None and _properties(device).major == 9
+    return n_cols > 4 * block and torch.version.hip is None and _capability(device)[0] == 9
 
 
 def _one_program_per_sm(n_cols: int) -> bool:
@@ -461,6 +456,12 @@ def _properties(device: torch.device) -> Any:
     if device not in _device_properties:
         _device_properties[device] = torch.cuda.get_device_properties(device)
     return _device_properties[device]
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability (major, minor)."""
+    properties = _properties(device)
+    return (properties.major, properties.minor)
 
 
 def _grid(n_rows: int, device: torch.device, config: LaunchConfig) -> tuple[int]:
