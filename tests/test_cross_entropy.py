@@ -120,6 +120,64 @@ def test_gradient_pass_walking_rows_backwards(monkeypatch, v):
     check(logits, target, label_smoothing=0.1)
 
 
+def test_rows_realigned_where_triton_cannot_prove_them_aligned():
+    # Rows whose stride is not a multiple of 16 elements, or whose data does not start on
+    # 16 bytes, are realigned; a gradient tensor written in step with them must sit where
+    # they do modulo 128 bytes.
+    def rows(v, dtype=torch.bfloat16, offset=0, width=None):
+        width = width or v
+        return torch.empty(4 * width + offset + 8, dtype=dtype)[offset : offset + 4 * width].view(4, width)[:, :v]
+
+    assert not ce_module._realigned(rows(32000))
+    assert not ce_module._realigned(rows(128256, torch.float32))
+    assert ce_module._realigned(rows(50257))
+    assert ce_module._realigned(rows(50280))  # a multiple of 8, not of 16
+    assert ce_module._realigned(rows(100003, torch.float32))
+    assert ce_module._realigned(rows(32000, offset=3))  # data not on 16 bytes
+    assert not ce_module._realigned(torch.empty(4, 2 * 50257, dtype=torch.bfloat16)[:, ::2])  # strided columns
+    buffer = torch.empty(2 * 4 * 50257 + 256, dtype=torch.bfloat16)
+
+    def rows_at(offset):  # 4 rows of 50257 that start `offset` elements into one buffer
+        return buffer[offset : offset + 4 * 50257].view(4, 50257)
+
+    logits, second = rows_at(0), 4 * 50257 // 64 * 64 + 64  # a whole number of 128-byte lines on
+    assert ce_module._realigned(logits, logits)
+    assert ce_module._realigned(logits, rows_at(second))
+    assert not ce_module._realigned(logits, rows_at(second + 1))
+    assert not ce_module._realigned(logits, rows_at(second + 8))  # 16 bytes apart, not 128
+    assert not ce_module._realigned(rows(50257, width=50260), torch.empty(4, 50257, dtype=torch.bfloat16))
+
+
+@interpreter_only
+@pytest.mark.parametrize(
+    "n, v, dtype, offset",
+    [
+        (5, 1, torch.float32, 0),
+        (5, 3, torch.bfloat16, 0),  # rows shorter than a 16-byte chunk
+        (6, 7, torch.bfloat16, 5),
+        (6, 9, torch.float16, 0),
+        (6, 67, torch.bfloat16, 3),  # data not on 16 bytes
+        (6, 67, torch.float32, 1),
+        (6, 131, torch.bfloat16, 0),  # a row's first chunk past the first block's start
+        (7, 72, torch.bfloat16, 0),  # row stride a multiple of 8, not 16
+    ],
+)
+def test_realigned_rows_match_float64_reference(n, v, dtype, offset):
+    # Neighbouring rows share 16-byte chunks here: a store past a row's end would corrupt
+    # the next row's gradient (the interpreter runs programs one after another).
+    logits, target = make_case(n, v, dtype, ignored=0.3)
+    logits = torch.cat([torch.zeros(offset, dtype=dtype), logits.flatten()])[offset:].view(n, v)
+    assert ce_module._realigned(logits)
+    check(logits, target, grad_outputs=(1.0, 0.125, 0.125, 1.0), label_smoothing=0.1)
+    check(logits, target, reduction="none")
+    leaf = logits.clone().requires_grad_()
+    cross_entropy(leaf * 1.0, target).backward()  # in place
+    expected = logits.clone().requires_grad_()
+    reference(expected, target).backward()
+    error = (leaf.grad.double() - expected.grad.double()).abs().max() / expected.grad.abs().max().double().clamp_min(1e-30)
+    assert error <= (1e-5 if dtype == torch.float32 else 8e-3)
+
+
 @interpreter_only
 @pytest.mark.parametrize(
     "n, v, dtype, kwargs",
@@ -470,8 +528,9 @@ def test_argument_errors():
 
 @gpu
 @needs_cuda
-# 32000 and 50304: 8-warp programs loading first blocks ahead; 65024: the 32-warp grid below 65536
-@pytest.mark.parametrize("v", [32000, 50304, 65024, 128256])
+# 32000 and 50304: 8-warp programs loading first blocks ahead; 65024: the 32-warp grid below 65536;
+# 32001, 50257, 128257: rows realigned to 16 bytes
+@pytest.mark.parametrize("v", [32000, 32001, 50257, 50304, 65024, 128256, 128257])
 @pytest.mark.parametrize("kwargs", [{}, {"label_smoothing": 0.1, "softcap": 30.0}, {"reduction": "none"}])
 def test_gpu_real_sizes(v, kwargs):
     logits, target = make_case(2048, v, torch.bfloat16, device="cuda", ignored=0.1)

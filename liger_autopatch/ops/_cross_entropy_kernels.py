@@ -10,6 +10,11 @@ Logits are transformed in the kernel: ``x = logit_scale * z`` then
 ``x = softcap * tanh(x / softcap)``; the gradient is taken with respect to ``z``.
 All arithmetic is float32; the softmax runs in base 2 (one exp2 per element).
 
+Loads and stores go 16 bytes at a time only where Triton can prove the addresses
+16-byte aligned: from row strides that are multiples of 16 elements. Other rows (V =
+50257, 32001, 73448, ...) are realigned (ALIGN_ROWS, see :func:`_row_span`); without
+that, every element is its own 2-byte access, and the gradient-writing kernel spills.
+
 A target equal to ``ignore_index`` gives loss 0 and gradient 0. A target outside [0, V)
 that is not ``ignore_index`` gives a NaN loss and reads nothing outside its row;
 ``check_targets_kernel`` finds such targets first so that the host can raise.
@@ -49,21 +54,109 @@ def _chain(g, x, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_LOGIT_SCAL
 
 
 @triton.jit
-def _load_raw(row, stride_col, offs, N_COLS: tl.constexpr, MASKED: tl.constexpr, POLICY: tl.constexpr):
-    """One block of a row as stored (0 past the row's end). MASKED only for a block that
-    reaches past the row's end."""
-    if MASKED:
-        return tl.load(row + offs * stride_col, mask=offs < N_COLS, other=0.0, eviction_policy=POLICY)
-    return tl.load(row + offs * stride_col, eviction_policy=POLICY)
+def _row_span(row, N_COLS: tl.constexpr, ALIGN_ROWS: tl.constexpr):
+    """Where the blocks of a row start (``row`` points at its first column), and what
+    bounds their loads and stores, in columns from that start:
+    (start, lead, read_end, store_start, store_end).
+
+    Without ALIGN_ROWS, the row itself: (row, 0, N_COLS, 0, N_COLS).
+
+    With ALIGN_ROWS (contiguous columns; rows that Triton cannot prove 16-byte aligned),
+    blocks start at the 128-byte line at or before the row, ``lead`` columns early, so that
+    every load and store is a whole 16-byte vector and a warp's accesses cover whole lines
+    (16-byte alignment alone measured 2-10% slower; bench/NOTES-ce.md, v28). The row is then
+    columns [lead, lead + N_COLS). Loads read only the 16-byte chunks that hold some of the
+    row, up to ``read_end`` (and from the chunk of ``lead``: _readable): a chunk never
+    crosses a page, so the part of it outside the row cannot fault, and those values are
+    masked after the load (_in_row). Block stores cover the whole chunks in the row,
+    [store_start, store_end); the partial chunks at the row's two ends are stored element
+    by element (_edge_chunks), so that no neighbour is overwritten.
+    """
+    if ALIGN_ROWS:
+        ELEMENT_BYTES: tl.constexpr = row.dtype.element_ty.primitive_bitwidth // 8
+        CHUNK: tl.constexpr = 16 // ELEMENT_BYTES
+        lead = ((row.to(tl.int64, bitcast=True) & 127) // ELEMENT_BYTES).to(tl.int32)
+        start = tl.multiple_of(row - lead, 128)
+        read_end = (lead + N_COLS + CHUNK - 1) // CHUNK * CHUNK
+        store_start = (lead + CHUNK - 1) // CHUNK * CHUNK
+        store_end = (lead + N_COLS) // CHUNK * CHUNK
+    else:
+        start, lead, read_end, store_start, store_end = row, 0, N_COLS, 0, N_COLS
+    return start, lead, read_end, store_start, store_end
 
 
 @triton.jit
-def _prefetch_to_l2(row, first, count, N_COLS: tl.constexpr):
+def _aligned_as(row, lead, ALIGN_ROWS: tl.constexpr):
+    """The span start of a row that sits ``lead`` columns past a 128-byte line, as the row
+    of another tensor does (see _row_span)."""
+    if ALIGN_ROWS:
+        row = tl.multiple_of(row - lead, 128)
+    return row
+
+
+@triton.jit
+def _in_row(pos, lead, N_COLS: tl.constexpr, ALIGN_ROWS: tl.constexpr):
+    """Which of the block positions ``pos`` (columns from the row's start, see _row_span)
+    hold the row's logits."""
+    if ALIGN_ROWS:
+        return (pos >= lead) & (pos < lead + N_COLS)
+    return pos < N_COLS
+
+
+@triton.jit
+def _readable(pos, lead, read_end, CHUNK: tl.constexpr):
+    """Which of the block positions ``pos`` of a realigned row's first block may be loaded:
+    the 16-byte chunks from the one of ``lead`` to ``read_end`` (see _row_span)."""
+    return (pos >= lead // CHUNK * CHUNK) & (pos < read_end)
+
+
+@triton.jit
+def _stored(pos, store_start, store_end, ALIGN_ROWS: tl.constexpr):
+    """Which of the block positions ``pos`` a block's store writes (see _row_span)."""
+    if ALIGN_ROWS:
+        return (pos >= store_start) & (pos < store_end)
+    return pos < store_end
+
+
+@triton.jit
+def _edge_chunks(lead, store_start, store_end, N_COLS: tl.constexpr, CHUNK: tl.constexpr):
+    """Positions of the two partial 16-byte chunks at a realigned row's ends (the chunk of
+    ``lead``, and the chunk at ``store_end``), and which of them are the row's and are not
+    written by block stores."""
+    i = tl.arange(0, 2 * CHUNK)
+    head = i < CHUNK
+    pos = tl.where(head, lead // CHUNK * CHUNK + i, store_end + i - CHUNK)
+    in_row = (pos >= lead) & (pos < lead + N_COLS)
+    mask = in_row & tl.where(head, pos < store_start, (pos >= store_end) & (pos >= store_start))
+    return pos, mask
+
+
+@triton.jit
+def _load_raw(start, stride_col, pos, read_end, MASKED: tl.constexpr, POLICY: tl.constexpr):
+    """One block of a row as stored (0 from ``read_end`` on). MASKED only for a block that
+    reaches ``read_end``, or for the first block of a realigned row."""
+    if MASKED:
+        return tl.load(start + pos * stride_col, mask=pos < read_end, other=0.0, eviction_policy=POLICY)
+    return tl.load(start + pos * stride_col, eviction_policy=POLICY)
+
+
+@triton.jit
+def _load_first(start, stride_col, cols, lead, read_end, ALIGN_ROWS: tl.constexpr, POLICY: tl.constexpr):
+    """A row's first block, masked to the chunks that hold the row where it is realigned."""
+    if ALIGN_ROWS:
+        CHUNK: tl.constexpr = 16 // (start.dtype.element_ty.primitive_bitwidth // 8)
+        mask = _readable(cols, lead, read_end, CHUNK)
+        return tl.load(start + cols * stride_col, mask=mask, other=0.0, eviction_policy=POLICY)
+    return tl.load(start + cols * stride_col, eviction_policy=POLICY)
+
+
+@triton.jit
+def _prefetch_to_l2(row, first, count, row_end):
     """Have the TMA unit bring columns [first, first + count) of a contiguous row (clipped
-    to the row, cut to whole 16-byte units inside it) into L2: one instruction of one
+    to ``row_end``, cut to whole 16-byte units inside it) into L2: one instruction of one
     thread (Hopper's ``cp.async.bulk.prefetch.L2``), no registers held, no value changed.
     Nothing is fetched where the range is empty."""
-    end = tl.minimum(first + count, N_COLS)
+    end = tl.minimum(first + count, row_end)
     start_address = ((row + first).to(tl.int64, bitcast=True) + 15) & -16
     end_address = (row + end).to(tl.int64, bitcast=True) & -16
     nbytes = (end_address - start_address).to(tl.int32)
@@ -81,10 +174,8 @@ def _prefetch_to_l2(row, first, count, N_COLS: tl.constexpr):
 @triton.jit
 def _gradient_block(
     z,
-    out_row,
-    stride_out_col,
-    offs,
-    N_COLS: tl.constexpr,
+    out_ptrs,
+    store_mask,
     lse2,
     scale,
     uniform,
@@ -92,25 +183,24 @@ def _gradient_block(
     logit_scale,
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
-    MASKED: tl.constexpr,
 ):
     """``scale * (softmax - uniform)`` chained to d/dz, for one loaded block ``z`` of a row
-    (the target column is fixed afterwards)."""
+    (the target column is fixed afterwards), stored where ``store_mask`` (None: all)."""
     x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
     g = _chain(tl.exp2(x * LOG2E - lse2) * scale - uniform, x, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-    g = g.to(out_row.dtype.element_ty)
-    if MASKED:
-        tl.store(out_row + offs * stride_out_col, g, mask=offs < N_COLS, cache_modifier=".cs")
-    else:
-        tl.store(out_row + offs * stride_out_col, g, cache_modifier=".cs")
+    tl.store(out_ptrs, g.to(out_ptrs.dtype.element_ty), mask=store_mask, cache_modifier=".cs")
 
 
 @triton.jit
 def _row_gradient(
-    in_row,
+    in_start,
     stride_in_col,
-    out_row,
+    out_start,
     stride_out_col,
+    lead,
+    read_end,
+    store_start,
+    store_end,
     cols,
     N_COLS: tl.constexpr,
     target,
@@ -125,73 +215,103 @@ def _row_gradient(
     HAS_LOGIT_SCALE: tl.constexpr,
     REVERSE: tl.constexpr,
     PREFETCH: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Write ``scale * d loss / d z`` for one row, BLOCK columns at a time.
+    """Write ``scale * d loss / d z`` for one row, BLOCK columns at a time (the row's span
+    from _row_span; ``out_start`` is aligned as ``in_start`` is).
 
     The blocks write the gradient without the target's ``-(1 - label_smoothing)`` term;
     the target's column is then written once more, from ``x_target`` (the target's
-    transformed logit, read before the row was overwritten when ``out_row`` is
-    ``in_row``): one store per row instead of a comparison per element. Only the block
-    that reaches past the row's end is masked. REVERSE walks the row from its end: the
-    blocks read last by the max/sum pass are the likeliest to still be in L2. PREFETCH:
-    the row's first block is ``z_first``, loaded already.
+    transformed logit, read before the row was overwritten when the output is the
+    input): one store per row instead of a comparison per element. Only the blocks that
+    reach ``read_end``, and the first block of a realigned row, are masked. REVERSE walks
+    the row from its end: the blocks read last by the max/sum pass are the likeliest to
+    still be in L2. PREFETCH: the row's first block is ``z_first``, loaded already.
     """
     full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
-    has_tail: tl.constexpr = N_COLS % BLOCK != 0
+    # Block 0 apart where it is loaded ahead or masked; full blocks up to full_end; masked
+    # blocks from TAIL up to END, the last read_end of any row (a realigned row's lead is at
+    # most a 128-byte line, 8 chunks, less one column).
+    FIRST: tl.constexpr = BLOCK if (PREFETCH or ALIGN_ROWS) else 0
+    TAIL: tl.constexpr = full_end if full_end > FIRST else FIRST
+    CHUNK: tl.constexpr = 16 // (in_start.dtype.element_ty.primitive_bitwidth // 8)
+    END: tl.constexpr = (N_COLS + 9 * CHUNK - 2) // CHUNK * CHUNK if ALIGN_ROWS else N_COLS
     uniform = label_smoothing / N_COLS * scale
-    if REVERSE and has_tail:
-        z = _load_raw(in_row, stride_in_col, full_end + cols, N_COLS, True, "evict_first")
-        _gradient_block(
-            z, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
-            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
-        )  # fmt: skip
-    if PREFETCH:
-        _gradient_block(
-            z_first, out_row, stride_out_col, cols, N_COLS, lse2, scale, uniform,
-            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False,
-        )  # fmt: skip
-    for i in range(BLOCK if PREFETCH else 0, full_end, BLOCK):
-        if REVERSE:
-            start = full_end - BLOCK - i
+    if REVERSE:
+        for tail_start in tl.static_range(TAIL, END, BLOCK):
+            z = _load_raw(in_start, stride_in_col, tail_start + cols, read_end, True, "evict_first")
+            _gradient_block(
+                z, out_start + (tail_start + cols) * stride_out_col,
+                _stored(tail_start + cols, store_start, store_end, ALIGN_ROWS),
+                lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
+            )  # fmt: skip
+    if FIRST > 0 and not REVERSE:
+        if PREFETCH:
+            z = z_first
         else:
-            start = i
-        z = _load_raw(in_row, stride_in_col, start + cols, N_COLS, False, "evict_first")
+            z = _load_first(in_start, stride_in_col, cols, lead, read_end, ALIGN_ROWS, "evict_first")
         _gradient_block(
-            z, out_row, stride_out_col, start + cols, N_COLS, lse2, scale, uniform,
-            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, False,
+            z, out_start + cols * stride_out_col, _stored(cols, store_start, store_end, ALIGN_ROWS) if ALIGN_ROWS else None,
+            lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
         )  # fmt: skip
-    if not REVERSE and has_tail:
-        z = _load_raw(in_row, stride_in_col, full_end + cols, N_COLS, True, "evict_first")
+    for i in range(FIRST, full_end, BLOCK):
+        if REVERSE:
+            block_start = full_end - BLOCK - (i - FIRST)
+        else:
+            block_start = i
+        z = _load_raw(in_start, stride_in_col, block_start + cols, read_end, False, "evict_first")
         _gradient_block(
-            z, out_row, stride_out_col, full_end + cols, N_COLS, lse2, scale, uniform,
-            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True,
+            z, out_start + (block_start + cols) * stride_out_col, None,
+            lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
+        )  # fmt: skip
+    if FIRST > 0 and REVERSE:
+        z = _load_first(in_start, stride_in_col, cols, lead, read_end, ALIGN_ROWS, "evict_first")
+        _gradient_block(
+            z, out_start + cols * stride_out_col, _stored(cols, store_start, store_end, ALIGN_ROWS),
+            lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
+        )  # fmt: skip
+    if not REVERSE:
+        for tail_start in tl.static_range(TAIL, END, BLOCK):
+            z = _load_raw(in_start, stride_in_col, tail_start + cols, read_end, True, "evict_first")
+            _gradient_block(
+                z, out_start + (tail_start + cols) * stride_out_col,
+                _stored(tail_start + cols, store_start, store_end, ALIGN_ROWS),
+                lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
+            )  # fmt: skip
+    if ALIGN_ROWS:
+        pos, mask = _edge_chunks(lead, store_start, store_end, N_COLS, CHUNK)
+        z = tl.load(in_start + pos, mask=mask, other=0.0)
+        _gradient_block(
+            z, out_start + pos, mask, lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE
         )  # fmt: skip
     if (target >= 0) & (target < N_COLS):
         # The blocks' stores to the target's column come before this one (CTA barrier).
         tl.debug_barrier()
         g_target = tl.exp2(x_target * LOG2E - lse2) * scale - uniform - (1.0 - label_smoothing) * scale
         g_target = _chain(g_target, x_target, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
-        tl.store(out_row + target * stride_out_col, g_target.to(out_row.dtype.element_ty))
+        tl.store(out_start + (lead + target) * stride_out_col, g_target.to(out_start.dtype.element_ty))
 
 
 @triton.jit
 def _transformed(
     z,
-    offs,
+    pos,
+    lead,
     N_COLS: tl.constexpr,
     softcap,
     logit_scale,
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
     MASKED: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
 ):
     """One loaded block ``z`` of a row for the max/sum pass: the transformed logits in
-    base 2 (``x * log2(e)``, -inf past the row's end) and the transformed logits (0 past
-    the row's end)."""
+    base 2 (``x * log2(e)``, -inf outside the row) and the transformed logits (0 outside
+    the row)."""
     x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
     if MASKED:
-        mask = offs < N_COLS
+        mask = _in_row(pos, lead, N_COLS, ALIGN_ROWS)
         return tl.where(mask, x * LOG2E, -float("inf")), tl.where(mask, x, 0.0)
     return x * LOG2E, x
 
@@ -217,7 +337,7 @@ def _row_max_sum_online(
     for start in range(0, N_COLS, BLOCK):
         offs = start + cols
         z = _load_raw(logits_row, stride_logits_col, offs, N_COLS, True, "evict_last")
-        x2, x = _transformed(z, offs, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True)
+        x2, x = _transformed(z, offs, 0, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, True, False)
         m2_new = tl.maximum(m2, tl.max(x2, axis=0))
         # All -inf so far: keep the sum 0 instead of exp2(-inf - -inf) = NaN.
         shift = tl.where(m2_new == -float("inf"), 0.0, m2_new)
@@ -235,7 +355,8 @@ def _add_block(
     lane_sum_x,
     shift,
     z,
-    offs,
+    pos,
+    lead,
     N_COLS: tl.constexpr,
     softcap,
     logit_scale,
@@ -243,9 +364,10 @@ def _add_block(
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     MASKED: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
 ):
     """One more loaded block ``z`` into the lanes of _row_lanes."""
-    x2, x = _transformed(z, offs, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, MASKED)
+    x2, x = _transformed(z, pos, lead, N_COLS, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, MASKED, ALIGN_ROWS)
     lane_sum += tl.exp2(x2 - shift)
     lane_max = tl.maximum(lane_max, x2)
     if HAS_SMOOTHING:
@@ -255,8 +377,10 @@ def _add_block(
 
 @triton.jit
 def _row_lanes(
-    logits_row,
+    start,
     stride_logits_col,
+    lead,
+    read_end,
     cols,
     N_COLS: tl.constexpr,
     shift,
@@ -268,36 +392,49 @@ def _row_lanes(
     HAS_SMOOTHING: tl.constexpr,
     PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The max/sum pass over one row, per lane: sums of exp2(x2 - shift), maxima of x2 and
-    (with label smoothing) sums of x, reduced by _row_max_sum. With no barrier in the loop,
-    a program keeps loads in flight back to back. Loads stay in L2 for the gradient pass
-    that reads the row again. PREFETCH: the row's first block is ``z_first``, loaded
-    already. L2_PREFETCH: each block asks for the next one in L2 before it is loaded. Only
-    the block that reaches past the row's end is masked."""
+    """The max/sum pass over one row (its span from _row_span), per lane: sums of
+    exp2(x2 - shift), maxima of x2 and (with label smoothing) sums of x, reduced by
+    _row_max_sum. With no barrier in the loop, a program keeps loads in flight back to
+    back. Loads stay in L2 for the gradient pass that reads the row again. PREFETCH: the
+    row's first block is ``z_first``, loaded already. L2_PREFETCH: each block asks for the
+    next one in L2 before it is loaded. Only the blocks that reach ``read_end``, and the
+    first block of a realigned row, are masked."""
     full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
+    # The blocks as in _row_gradient (END: the last read_end of any row).
+    FIRST: tl.constexpr = BLOCK if (PREFETCH or ALIGN_ROWS) else 0
+    TAIL: tl.constexpr = full_end if full_end > FIRST else FIRST
+    CHUNK: tl.constexpr = 16 // (start.dtype.element_ty.primitive_bitwidth // 8)
+    END: tl.constexpr = (N_COLS + 9 * CHUNK - 2) // CHUNK * CHUNK if ALIGN_ROWS else N_COLS
     lane_sum = tl.zeros([BLOCK], dtype=tl.float32)
     lane_max = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
     lane_sum_x = tl.zeros([BLOCK], dtype=tl.float32)
-    if PREFETCH:
+    if FIRST > 0:
+        if PREFETCH:
+            z = z_first
+        else:
+            if L2_PREFETCH:
+                _prefetch_to_l2(start, BLOCK, BLOCK, read_end)
+            z = _load_first(start, stride_logits_col, cols, lead, read_end, ALIGN_ROWS, "evict_last")
         lane_sum, lane_max, lane_sum_x = _add_block(
-            lane_sum, lane_max, lane_sum_x, shift, z_first, cols, N_COLS,
-            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False,
+            lane_sum, lane_max, lane_sum_x, shift, z, cols, lead, N_COLS,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, ALIGN_ROWS, ALIGN_ROWS,
         )  # fmt: skip
-    for start in range(BLOCK if PREFETCH else 0, full_end, BLOCK):
+    for block_start in range(FIRST, full_end, BLOCK):
         if L2_PREFETCH:
-            _prefetch_to_l2(logits_row, start + BLOCK, BLOCK, N_COLS)
-        z = _load_raw(logits_row, stride_logits_col, start + cols, N_COLS, False, "evict_last")
+            _prefetch_to_l2(start, block_start + BLOCK, BLOCK, read_end)
+        z = _load_raw(start, stride_logits_col, block_start + cols, read_end, False, "evict_last")
         lane_sum, lane_max, lane_sum_x = _add_block(
-            lane_sum, lane_max, lane_sum_x, shift, z, start + cols, N_COLS,
-            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False,
+            lane_sum, lane_max, lane_sum_x, shift, z, block_start + cols, lead, N_COLS,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, False, ALIGN_ROWS,
         )  # fmt: skip
-    if N_COLS % BLOCK != 0:
-        z = _load_raw(logits_row, stride_logits_col, full_end + cols, N_COLS, True, "evict_last")
+    for tail_start in tl.static_range(TAIL, END, BLOCK):
+        z = _load_raw(start, stride_logits_col, tail_start + cols, read_end, True, "evict_last")
         lane_sum, lane_max, lane_sum_x = _add_block(
-            lane_sum, lane_max, lane_sum_x, shift, z, full_end + cols, N_COLS,
-            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, True,
+            lane_sum, lane_max, lane_sum_x, shift, z, tail_start + cols, lead, N_COLS,
+            softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, True, ALIGN_ROWS,
         )  # fmt: skip
     return lane_sum, lane_max, lane_sum_x
 
@@ -347,11 +484,29 @@ def _shift(x_target):
 
 
 @triton.jit
-def _zero_row(out_row, stride_out_col, cols, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
-    zeros = tl.zeros([BLOCK], dtype=out_row.dtype.element_ty)
-    for start in range(0, N_COLS, BLOCK):
-        offs = start + cols
-        tl.store(out_row + offs * stride_out_col, zeros, mask=offs < N_COLS, cache_modifier=".cs")
+def _zero_row(
+    out_start,
+    stride_out_col,
+    lead,
+    store_start,
+    store_end,
+    cols,
+    N_COLS: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Zeros into one row (its span from _row_span)."""
+    CHUNK: tl.constexpr = 16 // (out_start.dtype.element_ty.primitive_bitwidth // 8)
+    END: tl.constexpr = (N_COLS + 9 * CHUNK - 2) // CHUNK * CHUNK if ALIGN_ROWS else N_COLS
+    zeros = tl.zeros([BLOCK], dtype=out_start.dtype.element_ty)
+    for start in range(0, END, BLOCK):
+        pos = start + cols
+        tl.store(
+            out_start + pos * stride_out_col, zeros, mask=_stored(pos, store_start, store_end, ALIGN_ROWS), cache_modifier=".cs"
+        )
+    if ALIGN_ROWS:
+        pos, mask = _edge_chunks(lead, store_start, store_end, N_COLS, CHUNK)
+        tl.store(out_start + pos, tl.zeros([2 * CHUNK], dtype=out_start.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -423,12 +578,28 @@ def _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows,
 
 
 @triton.jit
-def _first_block(logits_ptr, stride_logits_row, stride_logits_col, row, needed, cols, PREFETCH: tl.constexpr):
-    """With PREFETCH, the first block of row ``row`` where ``needed`` (a row that is not
-    ignored and not past the last row); without, a placeholder that is never read."""
+def _first_block(
+    logits_ptr,
+    stride_logits_row,
+    stride_logits_col,
+    row,
+    needed,
+    cols,
+    N_COLS: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
+):
+    """With PREFETCH, the first block of row ``row`` (from its span's start, see _row_span)
+    where ``needed`` (a row that is not ignored and not past the last row); without, a
+    placeholder that is never read."""
     if PREFETCH:
-        ptrs = logits_ptr + row * stride_logits_row + cols * stride_logits_col
-        block = tl.load(ptrs, mask=needed & (cols >= 0), other=0.0, eviction_policy="evict_last")
+        start, lead, read_end, _, _ = _row_span(logits_ptr + row * stride_logits_row, N_COLS, ALIGN_ROWS)
+        if ALIGN_ROWS:
+            CHUNK: tl.constexpr = 16 // (logits_ptr.dtype.element_ty.primitive_bitwidth // 8)
+            mask = needed & _readable(cols, lead, read_end, CHUNK)
+        else:
+            mask = needed & (cols >= 0)  # a mask the shape of the block
+        block = tl.load(start + cols * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
     else:
         block = tl.zeros([1], dtype=tl.int8)
     return block
@@ -446,6 +617,7 @@ def _start_next_row(
     N_COLS: tl.constexpr,
     PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Start reading the program's next row where ``next_needed``: with PREFETCH its first
@@ -453,9 +625,12 @@ def _start_next_row(
     L2_PREFETCH its first block into L2."""
     z_next = z_first
     if PREFETCH:
-        z_next = _first_block(logits_ptr, stride_logits_row, stride_logits_col, next_row, next_needed, cols, PREFETCH)
+        z_next = _first_block(
+            logits_ptr, stride_logits_row, stride_logits_col, next_row, next_needed, cols, N_COLS, PREFETCH, ALIGN_ROWS
+        )
     if L2_PREFETCH:
-        _prefetch_to_l2(logits_ptr + next_row * stride_logits_row, 0, tl.where(next_needed, BLOCK, 0), N_COLS)
+        start, _, read_end, _, _ = _row_span(logits_ptr + next_row * stride_logits_row, N_COLS, ALIGN_ROWS)
+        _prefetch_to_l2(start, 0, tl.where(next_needed, BLOCK, 0), read_end)
     return z_next
 
 
@@ -491,38 +666,41 @@ def _forward_row(
     REVERSE: tl.constexpr,
     PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Loss (and lse, gradient) of one row. Returns what _start_next_row gives: the next
     row is started before this row's gradient pass, so that its first block arrives while
     the pass runs."""
     logits_row = logits_ptr + row * stride_logits_row
-    grad_row = grad_ptr + row * stride_grad_row
+    start, lead, read_end, store_start, store_end = _row_span(logits_row, N_COLS, ALIGN_ROWS)
+    # The host realigns rows only where the gradient's rows are aligned as the logits' are.
+    grad_start = _aligned_as(grad_ptr + row * stride_grad_row, lead, ALIGN_ROWS)
     # Nothing is read ahead for an ignored row or past the last row.
     next_needed = (next_row < n_rows) & (next_target != ignore_index)
     if target == ignore_index:
         z_next = _start_next_row(
             z_first, logits_ptr, stride_logits_row, stride_logits_col, next_row, next_needed, cols,
-            N_COLS, PREFETCH, L2_PREFETCH, BLOCK,
+            N_COLS, PREFETCH, L2_PREFETCH, ALIGN_ROWS, BLOCK,
         )  # fmt: skip
         tl.store(loss_ptr + row, 0.0)
         if STORE_LSE:
             tl.store(lse_ptr + row, 0.0)
         if WRITE_GRAD:
-            _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
+            _zero_row(grad_start, stride_grad_col, lead, store_start, store_end, cols, N_COLS, ALIGN_ROWS, BLOCK)
     else:
         in_range = (target >= 0) & (target < N_COLS)
         x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
         shift = _shift(x_t)
         lane_sum, lane_max, lane_sum_x = _row_lanes(
-            logits_row, stride_logits_col, cols, N_COLS, shift, z_first, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, PREFETCH, L2_PREFETCH, BLOCK,
+            start, stride_logits_col, lead, read_end, cols, N_COLS, shift, z_first, softcap, logit_scale,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, PREFETCH, L2_PREFETCH, ALIGN_ROWS, BLOCK,
         )  # fmt: skip
         z_grad_first = z_first
         if PREFETCH:
             # The gradient pass's first block, loaded before the lanes are reduced so that
             # the reductions hide its latency.
-            z_grad_first = _load_raw(logits_row, stride_logits_col, cols, N_COLS, False, "evict_first")
+            z_grad_first = _load_first(start, stride_logits_col, cols, lead, read_end, ALIGN_ROWS, "evict_first")
         m2, s, sum_x = _row_max_sum(
             lane_sum, lane_max, lane_sum_x, shift, logits_row, stride_logits_col, cols, N_COLS,
             softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, BLOCK,
@@ -537,13 +715,13 @@ def _forward_row(
             tl.store(lse_ptr + row, lse2)
         z_next = _start_next_row(
             z_first, logits_ptr, stride_logits_row, stride_logits_col, next_row, next_needed, cols,
-            N_COLS, PREFETCH, L2_PREFETCH, BLOCK,
+            N_COLS, PREFETCH, L2_PREFETCH, ALIGN_ROWS, BLOCK,
         )  # fmt: skip
         if WRITE_GRAD:
             _row_gradient(
-                logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
-                target, x_t, lse2, scale, label_smoothing, softcap, logit_scale, z_grad_first,
-                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, PREFETCH, BLOCK,
+                start, stride_logits_col, grad_start, stride_grad_col, lead, read_end, store_start, store_end,
+                cols, N_COLS, target, x_t, lse2, scale, label_smoothing, softcap, logit_scale, z_grad_first,
+                HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, PREFETCH, ALIGN_ROWS, BLOCK,
             )  # fmt: skip
     return z_next
 
@@ -578,6 +756,7 @@ def cross_entropy_forward_kernel(
     REVERSE: tl.constexpr,
     PREFETCH: tl.constexpr,
     L2_PREFETCH: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Per-row loss (unreduced, float32), optionally lse (base 2) and the gradient.
@@ -604,8 +783,9 @@ def cross_entropy_forward_kernel(
     z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, N_COLS)
     next_target = _row_target(target_ptr, stride_target, row + n_programs, n_rows, ignore_index)
     z_first = _first_block(
-        logits_ptr, stride_logits_row, stride_logits_col, row, (row < n_rows) & (target != ignore_index), cols, PREFETCH
-    )
+        logits_ptr, stride_logits_row, stride_logits_col, row, (row < n_rows) & (target != ignore_index), cols,
+        N_COLS, PREFETCH, ALIGN_ROWS,
+    )  # fmt: skip
     while row < n_rows:
         next_row = row + n_programs
         next_z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target, N_COLS)
@@ -616,7 +796,7 @@ def cross_entropy_forward_kernel(
             loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
             cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
             HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, PREFETCH,
-            L2_PREFETCH, BLOCK,
+            L2_PREFETCH, ALIGN_ROWS, BLOCK,
         )  # fmt: skip
         row = next_row
         target, z_t, next_target = next_target, next_z_t, target_after
@@ -648,6 +828,7 @@ def cross_entropy_backward_kernel(
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_DENOMINATOR: tl.constexpr,
     HAS_SITE: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """grad[r] = grad_output[r] / denominator * d loss_r / d z[r]: one read, one write.
@@ -666,18 +847,21 @@ def cross_entropy_backward_kernel(
     row = pid.to(tl.int64)
     while row < n_rows:
         target = tl.load(target_ptr + row * stride_target).to(tl.int64)
-        grad_row = grad_ptr + row * stride_grad_row
+        start, lead, read_end, store_start, store_end = _row_span(
+            logits_ptr + row * stride_logits_row, N_COLS, ALIGN_ROWS
+        )
+        grad_start = _aligned_as(grad_ptr + row * stride_grad_row, lead, ALIGN_ROWS)
         if target == ignore_index:
-            _zero_row(grad_row, stride_grad_col, cols, N_COLS, BLOCK)
+            _zero_row(grad_start, stride_grad_col, lead, store_start, store_end, cols, N_COLS, ALIGN_ROWS, BLOCK)
         else:
             scale = tl.load(grad_output_ptr + row * stride_grad_output) * inv_denominator
             # Read before the row is overwritten (the gradient may go into the logits).
             z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, row, n_rows, target, N_COLS)
             x_t = _transform(z_t, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE)
             _row_gradient(
-                logits_ptr + row * stride_logits_row, stride_logits_col, grad_row, stride_grad_col, cols, N_COLS,
-                target, x_t, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
-                logit_scale, 0, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, False, BLOCK,
+                start, stride_logits_col, grad_start, stride_grad_col, lead, read_end, store_start, store_end,
+                cols, N_COLS, target, x_t, tl.load(lse_ptr + row), scale, label_smoothing, softcap,
+                logit_scale, 0, HAS_SOFTCAP, HAS_LOGIT_SCALE, False, False, ALIGN_ROWS, BLOCK,
             )  # fmt: skip
         row += n_programs
 
@@ -693,6 +877,7 @@ def correct_gradient_kernel(
     n_rows,
     N_COLS: tl.constexpr,
     n_programs,
+    ALIGN_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """grad *= grad_output / prediction in place; nothing to do (decided on the device,
@@ -708,13 +893,21 @@ def correct_gradient_kernel(
     if grad_output != prediction:
         factor = grad_output / prediction
         row = pid.to(tl.int64)
+        CHUNK: tl.constexpr = 16 // (grad_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        END: tl.constexpr = (N_COLS + 9 * CHUNK - 2) // CHUNK * CHUNK if ALIGN_ROWS else N_COLS
         while row < n_rows:
-            grad_row = grad_ptr + row * stride_grad_row
-            for start in range(0, N_COLS, BLOCK):
-                offs = start + cols
-                mask = offs < N_COLS
-                ptrs = grad_row + offs * stride_grad_col
-                g = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            grad_start, lead, read_end, store_start, store_end = _row_span(
+                grad_ptr + row * stride_grad_row, N_COLS, ALIGN_ROWS
+            )
+            for start in range(0, END, BLOCK):
+                pos = start + cols
+                ptrs = grad_start + pos * stride_grad_col
+                readable = _readable(pos, lead, read_end, CHUNK) if ALIGN_ROWS else pos < read_end
+                g = tl.load(ptrs, mask=readable, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 g = (g * factor).to(grad_ptr.dtype.element_ty)
-                tl.store(ptrs, g, mask=mask, cache_modifier=".cs")
+                tl.store(ptrs, g, mask=_stored(pos, store_start, store_end, ALIGN_ROWS), cache_modifier=".cs")
+            if ALIGN_ROWS:
+                pos, mask = _edge_chunks(lead, store_start, store_end, N_COLS, CHUNK)
+                g = tl.load(grad_start + pos, mask=mask, other=0.0).to(tl.float32)
+                tl.store(grad_start + pos, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
             row += n_programs

@@ -470,6 +470,27 @@ def _grid(n_rows: int, device: torch.device, config: LaunchConfig) -> tuple[int]
     return (min(n_rows, _properties(device).multi_processor_count * config.programs_per_sm),)
 
 
+def _realigned(rows: Tensor, written_in_step: Tensor | None = None) -> bool:
+    """Whether the kernels realign ``rows`` to 128-byte lines (ALIGN_ROWS): rows with
+    contiguous columns that Triton cannot prove 16-byte aligned, because the row stride is
+    not a multiple of 16 elements (V = 50257, 32001, ...) or the data does not start on 16
+    bytes. Triton would load and store them one element at a time (H200: 1.7-6x the
+    floor; bench/NOTES-ce.md, v28). A tensor whose rows are ``written_in_step`` with them
+    (the gradient) must sit in the same place modulo 128 bytes, row by row; where it does
+    not, nothing is realigned."""
+    if rows.stride(1) != 1 or (rows.stride(0) % 16 == 0 and rows.data_ptr() % 16 == 0):
+        return False
+    other = written_in_step
+    if other is None or other is rows:
+        return True
+    return (
+        other.stride(1) == 1
+        and other.element_size() == rows.element_size()
+        and (other.stride(0) - rows.stride(0)) * rows.element_size() % 128 == 0
+        and (other.data_ptr() - rows.data_ptr()) % 128 == 0
+    )
+
+
 def _transform_args(options: Options) -> dict[str, object]:
     return {
         "ignore_index": options.ignore_index,
@@ -583,6 +604,7 @@ def run_forward_kernel(
             PREFETCH=config.prefetch,
             # A bulk prefetch covers a contiguous byte range.
             L2_PREFETCH=config.l2_prefetch and input.stride(1) == 1,
+            ALIGN_ROWS=_realigned(input, grad),
             BLOCK=config.block,
             num_warps=config.num_warps,
             # Without the limit the compiler may use more registers than the grid's
@@ -623,6 +645,7 @@ def run_backward_kernel(
             **_transform_args(options),
             HAS_DENOMINATOR=denominator is not None,
             HAS_SITE=site is not None,
+            ALIGN_ROWS=_realigned(input, grad),
             BLOCK=config.block,
             num_warps=config.num_warps,
         )  # fmt: skip
@@ -638,6 +661,7 @@ def correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site
             grad, grad.stride(0), grad.stride(1),
             grad_output.to(torch.float32), prediction, site.state(grad.device),
             n_rows, N_COLS=n_cols, n_programs=grid[0],
+            ALIGN_ROWS=_realigned(grad),
             BLOCK=config.block,
             num_warps=config.num_warps,
         )  # fmt: skip
