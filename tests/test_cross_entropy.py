@@ -372,7 +372,7 @@ def test_gpus_the_kernels_cannot_be_built_for(monkeypatch):
     assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
-def test_l2_fetches_only_on_nvidia_hopper_for_rows_of_more_than_four_blocks(monkeypatch):
+def test_l2_fetches_only_on_nvidia_hopper_for_long_rows(monkeypatch):
     # The fetch is a Hopper PTX instruction: any other GPU would fail to build the kernel.
     major_of = {0: 9, 1: 8, 2: 10}
     monkeypatch.setattr(ce_module, "_device_properties", {})
@@ -385,8 +385,10 @@ def test_l2_fetches_only_on_nvidia_hopper_for_rows_of_more_than_four_blocks(monk
     def fetches(v, index):
         return ce_module.launch_config(v, torch.device("cuda", index), "loss_and_gradient").l2_prefetch
 
-    assert fetches(128256, 0) and fetches(50304, 0)  # 7.8 and 6.1 blocks
-    assert not fetches(65536, 0) and not fetches(32000, 0)  # 4 and 3.9 blocks
+    assert fetches(128256, 0) and fetches(81920, 0)  # 32-warp grid: 7.8 and 5 blocks
+    assert not fetches(77824, 0) and not fetches(65536, 0)  # 4.75 and 4 blocks
+    assert fetches(50304, 0) and fetches(36864, 0)  # 8-warp grid: 6.1 and 4.5 blocks
+    assert not fetches(32000, 0)  # 3.9 blocks
     assert not fetches(128256, 1) and not fetches(128256, 2)  # Ampere, Blackwell
     assert not ce_module.launch_config(128256, torch.device("cuda", 0), "loss").l2_prefetch
     monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm reports major 9 for MI300

@@ -432,10 +432,13 @@ def _fetches_into_l2(n_cols: int, block: int, device: torch.device) -> bool:
     """Whether the gradient-writing pass has the TMA unit fetch each next block into L2:
     on NVIDIA Hopper (the PTX instruction needs compute capability 9.0, and that is where
     it was measured; ROCm reports a major version of 9 too), for rows of more than four
-    blocks. H200, kernel alone: 2-9% faster at V = 81920-262144 in the 32-warp grid and
-    4-6% at V = 36864-57344 in the 8-warp grid; 1-9% slower at four blocks or fewer
-    (V = 32000, 65024, 65536; NOTES-ce, v24 and v26)."""
-    return n_cols > 4 * block and torch.version.hip is None and _capability(device)[0] == 9
+    8192-column blocks (the 8-warp grid) or of at least five 16384-column blocks (the
+    32-warp grid). H200, kernel alone: 4-6% faster at V = 36864-57344 in the 8-warp grid
+    and 1-9% at V = 81920-262144 in the 32-warp grid; 1-9% slower at four blocks or fewer
+    (V = 32000, 65024, 65536), and in the 32-warp grid between four and five blocks up to
+    7% slower in place (V = 66560-79872; 73728 alone gained; NOTES-ce, v24, v26, v29)."""
+    long_enough = n_cols > 4 * block if block < 16384 else n_cols >= 5 * block
+    return long_enough and torch.version.hip is None and _capability(device)[0] == 9
 
 
 def _one_program_per_sm(n_cols: int) -> bool:
