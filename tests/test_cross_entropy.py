@@ -148,6 +148,26 @@ def test_rows_realigned_where_triton_cannot_prove_them_aligned():
     assert not ce_module._realigned(rows(50257, width=50260), torch.empty(4, 50257, dtype=torch.bfloat16))
 
 
+def test_realigned_rows_fetched_into_l2_are_not_loaded_ahead_into_registers(monkeypatch):
+    # H200: realigned rows lose 2-11% with both read-aheads; aligned ones gain.
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs)
+
+    both = LaunchConfig(block=64, num_warps=1, programs_per_sm=1, reverse=False, prefetch=True, l2_prefetch=True)
+    monkeypatch.setattr(ce_module, "_kernels", lambda: type("Kernels", (), {"cross_entropy_forward_kernel": Kernel()}))
+    monkeypatch.setattr(ce_module, "launch_config", lambda n_cols, device, kernel_pass: both)
+    options = ce_module.Options(-100, 0.0, None, None)
+    for v in (256, 257):
+        logits, target = make_case(4, v, torch.bfloat16)
+        ce_module.run_forward_kernel(logits, target, options, None, None, grad=torch.empty_like(logits), store_lse=False)
+    aligned, realigned = launched
+    assert not aligned["ALIGN_ROWS"] and aligned["PREFETCH"] and aligned["L2_PREFETCH"]
+    assert realigned["ALIGN_ROWS"] and not realigned["PREFETCH"] and realigned["L2_PREFETCH"]
+
+
 @interpreter_only
 @pytest.mark.parametrize(
     "n, v, dtype, offset",

@@ -589,6 +589,12 @@ def run_forward_kernel(
     config = launch_config(n_cols, input.device, "loss_and_gradient" if grad is not None else "loss")
     grad_buffer = grad if grad is not None else input
     grid = _grid(n_rows, input.device, config)
+    align_rows = _realigned(input, grad)
+    # A bulk prefetch covers a contiguous byte range.
+    l2_prefetch = config.l2_prefetch and input.stride(1) == 1
+    # Realigned rows that are fetched into L2 lose 2-11% with the register read-ahead on
+    # top (H200, V = 40961-50280; with no L2 fetch, at 32001, it still gains 14%; NOTES-ce v28).
+    prefetch = config.prefetch and not (align_rows and l2_prefetch)
     with _launching(input):
         _kernels().cross_entropy_forward_kernel[grid](
             input, input.stride(0), input.stride(1),
@@ -604,10 +610,9 @@ def run_forward_kernel(
             WRITE_GRAD=grad is not None,
             HAS_DENOMINATOR=grad is not None and denominator is not None,
             REVERSE=config.reverse,
-            PREFETCH=config.prefetch,
-            # A bulk prefetch covers a contiguous byte range.
-            L2_PREFETCH=config.l2_prefetch and input.stride(1) == 1,
-            ALIGN_ROWS=_realigned(input, grad),
+            PREFETCH=prefetch,
+            L2_PREFETCH=l2_prefetch,
+            ALIGN_ROWS=align_rows,
             BLOCK=config.block,
             num_warps=config.num_warps,
             # Without the limit the compiler may use more registers than the grid's
