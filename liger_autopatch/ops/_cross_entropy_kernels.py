@@ -192,6 +192,72 @@ def _gradient_block(
 
 
 @triton.jit
+def _first_gradient_block(
+    in_start,
+    stride_in_col,
+    out_start,
+    stride_out_col,
+    lead,
+    read_end,
+    store_start,
+    store_end,
+    cols,
+    lse2,
+    scale,
+    uniform,
+    softcap,
+    logit_scale,
+    z_first,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
+):
+    """_row_gradient's block 0 where it is done apart: loaded ahead (``z_first``), or
+    masked (a realigned row)."""
+    if PREFETCH:
+        z = z_first
+    else:
+        z = _load_first(in_start, stride_in_col, cols, lead, read_end, ALIGN_ROWS, "evict_first")
+    _gradient_block(
+        z, out_start + cols * stride_out_col, _stored(cols, store_start, store_end, ALIGN_ROWS) if ALIGN_ROWS else None,
+        lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _tail_gradient_blocks(
+    in_start,
+    stride_in_col,
+    out_start,
+    stride_out_col,
+    read_end,
+    store_start,
+    store_end,
+    cols,
+    lse2,
+    scale,
+    uniform,
+    softcap,
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
+    TAIL: tl.constexpr,
+    END: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """_row_gradient's masked blocks from TAIL to END."""
+    for tail_start in tl.static_range(TAIL, END, BLOCK):
+        z = _load_raw(in_start, stride_in_col, tail_start + cols, read_end, True, "evict_first")
+        _gradient_block(
+            z, out_start + (tail_start + cols) * stride_out_col,
+            _stored(tail_start + cols, store_start, store_end, ALIGN_ROWS),
+            lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
+        )  # fmt: skip
+
+
+@triton.jit
 def _row_gradient(
     in_start,
     stride_in_col,
@@ -239,21 +305,14 @@ def _row_gradient(
     END: tl.constexpr = (N_COLS + 9 * CHUNK - 2) // CHUNK * CHUNK if ALIGN_ROWS else N_COLS
     uniform = label_smoothing / N_COLS * scale
     if REVERSE:
-        for tail_start in tl.static_range(TAIL, END, BLOCK):
-            z = _load_raw(in_start, stride_in_col, tail_start + cols, read_end, True, "evict_first")
-            _gradient_block(
-                z, out_start + (tail_start + cols) * stride_out_col,
-                _stored(tail_start + cols, store_start, store_end, ALIGN_ROWS),
-                lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
-            )  # fmt: skip
+        _tail_gradient_blocks(
+            in_start, stride_in_col, out_start, stride_out_col, read_end, store_start, store_end, cols,
+            lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, ALIGN_ROWS, TAIL, END, BLOCK,
+        )  # fmt: skip
     if FIRST > 0 and not REVERSE:
-        if PREFETCH:
-            z = z_first
-        else:
-            z = _load_first(in_start, stride_in_col, cols, lead, read_end, ALIGN_ROWS, "evict_first")
-        _gradient_block(
-            z, out_start + cols * stride_out_col, _stored(cols, store_start, store_end, ALIGN_ROWS) if ALIGN_ROWS else None,
-            lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
+        _first_gradient_block(
+            in_start, stride_in_col, out_start, stride_out_col, lead, read_end, store_start, store_end, cols,
+            lse2, scale, uniform, softcap, logit_scale, z_first, HAS_SOFTCAP, HAS_LOGIT_SCALE, PREFETCH, ALIGN_ROWS,
         )  # fmt: skip
     for i in range(FIRST, full_end, BLOCK):
         if REVERSE:
@@ -266,19 +325,15 @@ def _row_gradient(
             lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
         )  # fmt: skip
     if FIRST > 0 and REVERSE:
-        z = _load_first(in_start, stride_in_col, cols, lead, read_end, ALIGN_ROWS, "evict_first")
-        _gradient_block(
-            z, out_start + cols * stride_out_col, _stored(cols, store_start, store_end, ALIGN_ROWS),
-            lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
+        _first_gradient_block(
+            in_start, stride_in_col, out_start, stride_out_col, lead, read_end, store_start, store_end, cols,
+            lse2, scale, uniform, softcap, logit_scale, z_first, HAS_SOFTCAP, HAS_LOGIT_SCALE, PREFETCH, ALIGN_ROWS,
         )  # fmt: skip
     if not REVERSE:
-        for tail_start in tl.static_range(TAIL, END, BLOCK):
-            z = _load_raw(in_start, stride_in_col, tail_start + cols, read_end, True, "evict_first")
-            _gradient_block(
-                z, out_start + (tail_start + cols) * stride_out_col,
-                _stored(tail_start + cols, store_start, store_end, ALIGN_ROWS),
-                lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE,
-            )  # fmt: skip
+        _tail_gradient_blocks(
+            in_start, stride_in_col, out_start, stride_out_col, read_end, store_start, store_end, cols,
+            lse2, scale, uniform, softcap, logit_scale, HAS_SOFTCAP, HAS_LOGIT_SCALE, ALIGN_ROWS, TAIL, END, BLOCK,
+        )  # fmt: skip
     if ALIGN_ROWS:
         pos, mask = _edge_chunks(lead, store_start, store_end, N_COLS, CHUNK)
         z = tl.load(in_start + pos, mask=mask, other=0.0)
