@@ -162,7 +162,9 @@ def test_realigned_rows_fetched_into_l2_are_not_loaded_ahead_into_registers(monk
     options = ce_module.Options(-100, 0.0, None, None)
     for v in (256, 257):
         logits, target = make_case(4, v, torch.bfloat16)
-        ce_module.run_forward_kernel(logits, target, options, None, None, grad=torch.empty_like(logits), store_lse=False)
+        # In place: a fresh CPU buffer starts on 64 bytes, so only sometimes where the
+        # logits do modulo 128 (the CUDA allocator's blocks start on 512).
+        ce_module.run_forward_kernel(logits, target, options, None, None, grad=logits, store_lse=False)
     aligned, realigned = launched
     assert not aligned["ALIGN_ROWS"] and aligned["PREFETCH"] and aligned["L2_PREFETCH"]
     assert realigned["ALIGN_ROWS"] and not realigned["PREFETCH"] and realigned["L2_PREFETCH"]
@@ -180,6 +182,7 @@ def test_realigned_rows_fetched_into_l2_are_not_loaded_ahead_into_registers(monk
         (6, 67, torch.float32, 1),
         (6, 131, torch.bfloat16, 0),  # a row's first chunk past the first block's start
         (7, 72, torch.bfloat16, 0),  # row stride a multiple of 8, not 16
+        (5, 64, torch.bfloat16, 3),  # row stride a multiple of 16, data not on 16 bytes
     ],
 )
 def test_realigned_rows_match_float64_reference(n, v, dtype, offset):
@@ -188,6 +191,11 @@ def test_realigned_rows_match_float64_reference(n, v, dtype, offset):
     logits, target = make_case(n, v, dtype, ignored=0.3)
     logits = torch.cat([torch.zeros(offset, dtype=dtype), logits.flatten()])[offset:].view(n, v)
     assert ce_module._realigned(logits)
+    # The rows where they lie (check() below works on copies, which start on 16 bytes).
+    with torch.no_grad():
+        rows = cross_entropy(logits, target, reduction="none", label_smoothing=0.1)
+    expected = reference(logits, target, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-6)
     check(logits, target, grad_outputs=(1.0, 0.125, 0.125, 1.0), label_smoothing=0.1)
     check(logits, target, reduction="none")
     leaf = logits.clone().requires_grad_()
