@@ -186,8 +186,10 @@ def test_realigned_rows_fetched_into_l2_are_not_loaded_ahead_into_registers(monk
     ],
 )
 def test_realigned_rows_match_float64_reference(n, v, dtype, offset):
-    # Neighbouring rows share 16-byte chunks here: a store past a row's end would corrupt
-    # the next row's gradient (the interpreter runs programs one after another).
+    # Neighbouring rows share 16-byte chunks here. The interpreter runs its 3 programs
+    # (rows 3 apart) one after another, so a store outside a row overwrites a neighbour
+    # that an earlier program has already written, for some pairs of rows, and fails the
+    # comparison.
     logits, target = make_case(n, v, dtype, ignored=0.3)
     logits = torch.cat([torch.zeros(offset, dtype=dtype), logits.flatten()])[offset:].view(n, v)
     assert ce_module._realigned(logits)
