@@ -18,8 +18,9 @@ three cuBLAS matmuls alone at the shape (``matmuls_alone_ms``). Numerics:
 relative 2-norm error of the loss and of both gradients against float64 over all rows
 (also for unfused bf16 autograd, the bar to meet).
 
-``--small`` runs tiny shapes, also on CPU (times by wall clock, no memory figures), to
-debug the script. JSON goes to ``bench/results/flce-<device>-<date>.json``.
+``--shapes N,H,V ...`` runs other shapes (vocabularies that are not multiples of 64, for
+example); ``--small`` runs tiny shapes, also on CPU (times by wall clock, no memory
+figures), to debug the script. JSON goes to ``bench/results/flce-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -236,11 +237,21 @@ def run_shape(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (runs on CPU)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="N,H,V",
+        help="shapes to run instead of the default ones, e.g. 8192,1600,50257",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.small:
         raise SystemExit("no CUDA device: use --small to debug on the CPU")
+    if args.shapes:
+        shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes]
+    else:
+        shapes = SMALL_SHAPES if args.small else SHAPES
     dtype = torch.bfloat16
     available, missing = implementations()
     tflops = matmul_tflops(device, dtype)
@@ -253,11 +264,14 @@ def main() -> None:
         "unavailable": missing,
         "rows": [
             run_shape(shape, available, device, dtype, tflops)
-            for shape in (SMALL_SHAPES if args.small else SHAPES)
+            for shape in shapes
         ],
     }
     name = report["device"].replace(" ", "_")
-    out = args.out or RESULTS / f"flce-{name}-{report['date']}{'-small' if args.small else ''}.json"
+    tag = "-small" if args.small else ""
+    if args.shapes:
+        tag += "-" + "-".join("x".join(map(str, shape)) for shape in shapes)
+    out = args.out or RESULTS / f"flce-{name}-{report['date']}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"written to {out}")

@@ -65,15 +65,19 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float 
 
 
 def _inputs(
-    n_rows: int = 70, dtype: torch.dtype = torch.float32, bias: bool = False, seed: int = 0
+    n_rows: int = 70,
+    dtype: torch.dtype = torch.float32,
+    bias: bool = False,
+    seed: int = 0,
+    vocab: int = VOCAB,
 ):
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n_rows, HIDDEN, generator=generator).to(dtype).requires_grad_()
     weight = (
-        (torch.randn(VOCAB, HIDDEN, generator=generator) / HIDDEN**0.5).to(dtype).requires_grad_()
+        (torch.randn(vocab, HIDDEN, generator=generator) / HIDDEN**0.5).to(dtype).requires_grad_()
     )
-    bias_ = torch.randn(VOCAB, generator=generator).to(dtype).requires_grad_() if bias else None
-    target = torch.randint(0, VOCAB, (n_rows,), generator=generator)
+    bias_ = torch.randn(vocab, generator=generator).to(dtype).requires_grad_() if bias else None
+    target = torch.randint(0, vocab, (n_rows,), generator=generator)
     target[::7] = -100
     return hidden, weight, bias_, target
 
@@ -131,6 +135,27 @@ def test_op_matches_float64_reference(case: str, bias: bool) -> None:
     for name, leaf, expected in zip(
         ("hidden", "weight", "bias"), (hidden, weight, bias_), expected_grads
     ):
+        _close(leaf.grad, expected, f"grad of {name}")
+
+
+def test_op_pads_the_rows_of_odd_vocabularies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At V = 131 the chunk buffer's rows start every 192 elements (ROW_ALIGN), so that
+    cuBLAS and the kernel see aligned rows; the padding is never part of the result."""
+    strides = []
+    run_forward_kernel = flce_op.ce.run_forward_kernel
+
+    def recording(logits, *args, **kwargs):
+        strides.append(logits.stride())
+        return run_forward_kernel(logits, *args, **kwargs)
+
+    monkeypatch.setattr(flce_op.ce, "run_forward_kernel", recording)
+    hidden, weight, bias, target = _inputs(bias=True, vocab=131)
+    loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias)
+    loss.backward()
+    assert len(strides) > 1 and set(strides) == {(192, 1)}
+    expected_loss, expected_grads = _reference(hidden, weight, bias, target)
+    _close(loss.detach(), expected_loss, "loss")
+    for name, leaf, expected in zip(("hidden", "weight", "bias"), (hidden, weight, bias), expected_grads):
         _close(leaf.grad, expected, f"grad of {name}")
 
 
@@ -235,17 +260,19 @@ def test_op_kernel_failure_gives_the_torch_reference(failing_kernel) -> None:
         _close(leaf.grad, expected, "grad")
 
 
-def test_op_bfloat16_gradients_are_as_precise_as_unfused() -> None:
+@pytest.mark.parametrize("vocab", [VOCAB, 131])
+def test_op_bfloat16_gradients_are_as_precise_as_unfused(vocab: int) -> None:
     """Against float64: bf16 gradients no further off than unfused bf16 autograd's with the
     same cross-entropy op (matmul, then our cross_entropy on all the logits at once), which
-    rounds one matmul over all rows once. The weight gradient sums 12 chunks here.
+    rounds one matmul over all rows once. The weight gradient sums 12 chunks here (V=256);
+    at V=131 the matmuls take the vocabulary in two parts (ROW_ALIGN).
 
     (The cross-entropy op is the same on both sides on purpose: the Triton interpreter
     stores float32 to bfloat16 by truncation, twice the error of the round-to-nearest of
     torch and of GPUs, so its bf16 logit gradient is further from float64 than torch's;
     that is the interpreter's, not the chunking's.)
     """
-    hidden, weight, _, target = _inputs(n_rows=384, dtype=torch.bfloat16, seed=1)
+    hidden, weight, _, target = _inputs(n_rows=384, dtype=torch.bfloat16, seed=1, vocab=vocab)
     _, (exact_hidden, exact_weight) = _reference(hidden, weight, None, target)
     fused_linear_cross_entropy(hidden, weight, target).backward()
     fused = (hidden.grad.double(), weight.grad.double())
@@ -284,6 +311,42 @@ def test_op_bfloat16_one_chunk_where_the_accumulator_would_be_larger(n_rows: int
         our_error = (ours - exact).norm() / exact.norm()
         their_error = (theirs - exact).norm() / exact.norm()
         assert our_error <= 1.05 * their_error, f"grad of {what}: {our_error:.3g} vs unfused {their_error:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("vocab", [50304, 50257, 32001])
+def test_gpu_op_at_real_sizes(monkeypatch: pytest.MonkeyPatch, vocab: int) -> None:
+    """bf16 on the GPU, in several chunks with the float32 accumulator, the vocabulary
+    whole (50304) or in two parts (ROW_ALIGN): loss within 5e-5 of float64 and gradients
+    no further off than unfused bf16 autograd (torch's matmul and upcast cross-entropy,
+    as transformers computes it)."""
+    monkeypatch.setattr(flce_op, "CHUNK_BYTES", 2**30)
+    generator = torch.Generator(device="cuda").manual_seed(vocab)
+    n_rows, n_hidden = 4096, 1024
+    hidden = torch.randn(n_rows, n_hidden, device="cuda", generator=generator)
+    weight = torch.randn(vocab, n_hidden, device="cuda", generator=generator) / n_hidden**0.5
+    hidden = hidden.bfloat16().requires_grad_()
+    weight = weight.bfloat16().requires_grad_()
+    target = torch.randint(0, vocab, (n_rows,), device="cuda", generator=generator)
+    target[::10] = -100
+    assert flce_op.chunk_rows(hidden, weight, weight_grad=True) < n_rows
+    exact_loss, (exact_hidden, exact_weight) = _reference(hidden, weight, None, target)
+    loss = fused_linear_cross_entropy(hidden, weight, target)
+    loss.backward()
+    assert abs(loss.item() - exact_loss.item()) <= 5e-5 * exact_loss.item()
+    fused = (hidden.grad.double(), weight.grad.double())
+    hidden.grad = weight.grad = None
+    F.cross_entropy(F.linear(hidden, weight).float(), target).backward()
+    unfused = (hidden.grad.double(), weight.grad.double())
+    for what, exact, ours, theirs in zip(
+        ("hidden", "weight"), (exact_hidden, exact_weight), fused, unfused
+    ):
+        our_error = (ours - exact).norm() / exact.norm()
+        their_error = (theirs - exact).norm() / exact.norm()
+        assert our_error <= 1.05 * their_error, (
+            f"grad of {what}: {our_error:.3g} vs unfused {their_error:.3g}"
+        )
 
 
 # ---------------------------------------------------------------------------------------

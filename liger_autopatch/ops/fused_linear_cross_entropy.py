@@ -4,7 +4,9 @@
 ``cross_entropy(hidden @ weight.T + bias, target)``, computed row chunk by row chunk into
 one reused (chunk, V) buffer:
 
-1. ``buffer = hidden[chunk] @ weight.T + bias`` (cuBLAS);
+1. ``buffer = hidden[chunk] @ weight.T + bias`` (cuBLAS; the buffer's rows padded to a
+   multiple of 64 elements, and a vocabulary that is not such a multiple taken by the
+   matmuls in two parts, see ROW_ALIGN);
 2. the Triton cross-entropy forward kernel on ``buffer``: each row's loss, and the
    gradient of the loss with respect to the row's logits, written over the logits in
    place (the buffer is ours alone);
@@ -56,6 +58,13 @@ __all__ = ["CHUNK_BYTES", "fused_linear_cross_entropy"]
 # Upper bound on the bytes of the (chunk, V) logits buffer. Fewer, larger chunks mean
 # fewer passes over the float32 weight-gradient accumulator (bench/NOTES-flce.md).
 CHUNK_BYTES = 2**30
+
+# The buffer's rows start every ROW_ALIGN elements (128 bytes of 16-bit logits), and the
+# matmuls take the vocabulary in a part of a multiple of ROW_ALIGN rows and the rest. At
+# V = 50257, 32001 or 128257, cuBLAS runs a matmul with V as a dimension 5-7 times
+# slower than at 50304, 32000 or 128256, leading dimension padded or not, and the
+# cross-entropy kernel would have to realign unpadded rows (H200; bench/NOTES-flce.md).
+ROW_ALIGN = 64
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -159,13 +168,27 @@ def chunk_rows(hidden: Tensor, weight: Tensor, *, weight_grad: bool) -> int:
     Otherwise as many as fit in :data:`CHUNK_BYTES` of logits and in the weight
     gradient's size (so the buffer stays under the peak the accumulator sets), rounded
     down to a multiple of 128 (the matmuls' tile) when that many fit; at least one."""
-    n_rows, row_bytes = hidden.shape[0], weight.shape[0] * hidden.element_size()
+    n_rows, row_bytes = hidden.shape[0], _row_stride(weight.shape[0]) * hidden.element_size()
     if n_rows * row_bytes <= _float32_accumulator_bytes(weight, weight_grad):
         return n_rows
     rows = min(CHUNK_BYTES, weight.numel() * weight.element_size()) // row_bytes
     if rows >= 128:
         rows -= rows % 128
     return max(1, min(n_rows, rows))
+
+
+def _row_stride(n_vocab: int) -> int:
+    """The chunk buffer's row stride: ``n_vocab`` rounded up to ROW_ALIGN elements."""
+    return -(-n_vocab // ROW_ALIGN) * ROW_ALIGN
+
+
+def _vocab_parts(n_vocab: int) -> tuple[slice, ...]:
+    """The vocabulary as the matmuls take it (see ROW_ALIGN): the rest past the largest
+    multiple of ROW_ALIGN first, then that multiple; all of it where it is one part."""
+    aligned = n_vocab - n_vocab % ROW_ALIGN
+    if aligned in (0, n_vocab):
+        return (slice(0, n_vocab),)
+    return (slice(aligned, n_vocab), slice(0, aligned))
 
 
 def _chunks(
@@ -182,17 +205,19 @@ def _chunks(
     """The loss, ``step`` rows at a time; with ``grads`` = (hidden, weight, bias) buffers,
     also ``prediction`` times the gradients, written into them (see the module docstring)."""
     n_rows, n_vocab = hidden.shape[0], weight.shape[0]
-    buffer = hidden.new_empty(step, n_vocab)
+    buffer = hidden.new_empty(step, _row_stride(n_vocab))[:, :n_vocab]
+    parts = _vocab_parts(n_vocab)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden, grad_weight, grad_bias = grads if grads is not None else (None, None, None)
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         hidden_chunk = hidden[rows]
         logits = buffer[: hidden_chunk.shape[0]]
-        if bias is None:
-            torch.mm(hidden_chunk, weight.t(), out=logits)
-        else:
-            torch.addmm(bias, hidden_chunk, weight.t(), out=logits)
+        for part in parts:
+            if bias is None:
+                torch.mm(hidden_chunk, weight[part].t(), out=logits[:, part])
+            else:
+                torch.addmm(bias[part], hidden_chunk, weight[part].t(), out=logits[:, part])
         # With grads, the kernel overwrites the logits with their gradient.
         row_losses, _ = ce.run_forward_kernel(
             logits, target[rows], options, denominator, prediction,
@@ -200,9 +225,13 @@ def _chunks(
         )  # fmt: skip
         total += row_losses.sum()
         if grad_hidden is not None:
-            torch.mm(logits, weight, out=grad_hidden[rows])
+            # A sum over the parts: the small rest first, so that rounding its product
+            # to 16 bits before the large part is added costs next to nothing.
+            for i, part in enumerate(parts):
+                _accumulate(grad_hidden[rows], logits[:, part], weight[part], first=i == 0)
         if grad_weight is not None:
-            _accumulate(grad_weight, logits.t(), hidden_chunk, first=start == 0)
+            for part in parts:
+                _accumulate(grad_weight[part], logits[:, part].t(), hidden_chunk, first=start == 0)
         if grad_bias is not None:
             grad_bias += logits.sum(0, dtype=torch.float32)
     # 0 / 0 is NaN, as torch's "mean" over no rows.
@@ -214,7 +243,7 @@ _HAS_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def _accumulate(total: Tensor, a: Tensor, b: Tensor, *, first: bool) -> None:
-    """``total = a @ b`` (first chunk) or ``total += a @ b``; ``total`` may be float32
+    """``total = a @ b`` (``first``) or ``total += a @ b``; ``total`` may be float32
     while ``a`` and ``b`` are 16-bit."""
     beta = 0 if first else 1  # beta 0: the uninitialised total is not read
     if total.dtype == a.dtype:
