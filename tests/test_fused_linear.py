@@ -289,19 +289,22 @@ def test_op_bfloat16_gradients_are_as_precise_as_unfused(vocab: int) -> None:
         )
 
 
+@pytest.mark.parametrize("vocab", [VOCAB, 131])
 @pytest.mark.parametrize("n_rows", [2 * HIDDEN, 2 * HIDDEN + 1])
-def test_op_bfloat16_one_chunk_where_the_accumulator_would_be_larger(n_rows: int) -> None:
+def test_op_bfloat16_one_chunk_where_the_accumulator_would_be_larger(
+    n_rows: int, vocab: int
+) -> None:
     """bf16 logits of up to 2 rows per hidden unit take no more memory than a float32
     weight-gradient accumulator: then one chunk of all rows and no accumulator; one row
-    more, and the op is chunked with the accumulator. Gradients stay as precise as the
-    unfused computation's either way."""
-    hidden, weight, _, target = _inputs(n_rows=n_rows, dtype=torch.bfloat16, seed=2)
+    more, and the op is chunked with the accumulator (also where the rows are padded, at
+    V = 131). Gradients stay as precise as the unfused computation's either way."""
+    hidden, weight, _, target = _inputs(n_rows=n_rows, dtype=torch.bfloat16, seed=2, vocab=vocab)
     _, (exact_hidden, exact_weight) = _reference(hidden, weight, None, target)
     with _Outputs() as outputs:
         fused_linear_cross_entropy(hidden, weight, target).backward()
     one_chunk = n_rows <= 2 * HIDDEN
-    assert ((torch.bfloat16, (n_rows, VOCAB)) in outputs.shapes) == one_chunk
-    assert ((torch.float32, (VOCAB, HIDDEN)) in outputs.shapes) == (not one_chunk)
+    assert ((torch.bfloat16, (n_rows, vocab)) in outputs.shapes) == one_chunk
+    assert ((torch.float32, (vocab, HIDDEN)) in outputs.shapes) == (not one_chunk)
     fused = (hidden.grad.double(), weight.grad.double())
     hidden.grad = weight.grad = None
     cross_entropy(F.linear(hidden, weight), target).backward()

@@ -164,14 +164,17 @@ def _float32_accumulator_bytes(weight: Tensor, weight_grad: bool) -> int:
 
 def chunk_rows(hidden: Tensor, weight: Tensor, *, weight_grad: bool) -> int:
     """Rows per chunk. All of them when their logits take no more memory than the float32
-    weight-gradient accumulator that several chunks would need (one chunk needs none).
-    Otherwise as many as fit in :data:`CHUNK_BYTES` of logits and in the weight
-    gradient's size (so the buffer stays under the peak the accumulator sets), rounded
-    down to a multiple of 128 (the matmuls' tile) when that many fit; at least one."""
-    n_rows, row_bytes = hidden.shape[0], _row_stride(weight.shape[0]) * hidden.element_size()
-    if n_rows * row_bytes <= _float32_accumulator_bytes(weight, weight_grad):
+    weight-gradient accumulator that several chunks would need (one chunk needs none;
+    N <= 2H for 16-bit weights: the rows' padding to ROW_ALIGN, under 64 elements, is
+    left out of that comparison). Otherwise as many padded rows as fit in
+    :data:`CHUNK_BYTES` and in the weight gradient's size (so the buffer stays under the
+    peak the accumulator sets), rounded down to a multiple of 128 (the matmuls' tile) when
+    that many fit; at least one."""
+    n_rows, n_vocab, itemsize = hidden.shape[0], weight.shape[0], hidden.element_size()
+    if n_rows * n_vocab * itemsize <= _float32_accumulator_bytes(weight, weight_grad):
         return n_rows
-    rows = min(CHUNK_BYTES, weight.numel() * weight.element_size()) // row_bytes
+    buffer_bytes = min(CHUNK_BYTES, weight.numel() * weight.element_size())
+    rows = buffer_bytes // (_row_stride(n_vocab) * itemsize)
     if rows >= 128:
         rows -= rows % 128
     return max(1, min(n_rows, rows))
