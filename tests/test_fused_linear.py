@@ -318,8 +318,12 @@ def test_op_bfloat16_one_chunk_where_the_accumulator_would_be_larger(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("vocab", [50304, 50257, 32001])
-def test_gpu_op_at_real_sizes(monkeypatch: pytest.MonkeyPatch, vocab: int) -> None:
+@pytest.mark.parametrize(
+    "vocab, with_bias", [(50304, False), (50257, False), (50257, True), (32001, False)]
+)
+def test_gpu_op_at_real_sizes(
+    monkeypatch: pytest.MonkeyPatch, vocab: int, with_bias: bool
+) -> None:
     """bf16 on the GPU, in several chunks with the float32 accumulator, the vocabulary
     whole (50304) or in two parts (ROW_ALIGN): loss within 5e-5 of float64 and gradients
     no further off than unfused bf16 autograd (torch's matmul and upcast cross-entropy,
@@ -329,22 +333,24 @@ def test_gpu_op_at_real_sizes(monkeypatch: pytest.MonkeyPatch, vocab: int) -> No
     n_rows, n_hidden = 4096, 1024
     hidden = torch.randn(n_rows, n_hidden, device="cuda", generator=generator)
     weight = torch.randn(vocab, n_hidden, device="cuda", generator=generator) / n_hidden**0.5
+    bias = torch.randn(vocab, device="cuda", generator=generator) if with_bias else None
     hidden = hidden.bfloat16().requires_grad_()
     weight = weight.bfloat16().requires_grad_()
+    bias = bias.bfloat16().requires_grad_() if bias is not None else None
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
     target = torch.randint(0, vocab, (n_rows,), device="cuda", generator=generator)
     target[::10] = -100
     assert flce_op.chunk_rows(hidden, weight, weight_grad=True) < n_rows
-    exact_loss, (exact_hidden, exact_weight) = _reference(hidden, weight, None, target)
-    loss = fused_linear_cross_entropy(hidden, weight, target)
+    exact_loss, exact_grads = _reference(hidden, weight, bias, target)
+    loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias)
     loss.backward()
     assert abs(loss.item() - exact_loss.item()) <= 5e-5 * exact_loss.item()
-    fused = (hidden.grad.double(), weight.grad.double())
-    hidden.grad = weight.grad = None
-    F.cross_entropy(F.linear(hidden, weight).float(), target).backward()
-    unfused = (hidden.grad.double(), weight.grad.double())
-    for what, exact, ours, theirs in zip(
-        ("hidden", "weight"), (exact_hidden, exact_weight), fused, unfused
-    ):
+    fused = [leaf.grad.double() for leaf in leaves]
+    for leaf in leaves:
+        leaf.grad = None
+    F.cross_entropy(F.linear(hidden, weight, bias).float(), target).backward()
+    unfused = [leaf.grad.double() for leaf in leaves]
+    for what, exact, ours, theirs in zip(("hidden", "weight", "bias"), exact_grads, fused, unfused):
         our_error = (ours - exact).norm() / exact.norm()
         their_error = (theirs - exact).norm() / exact.norm()
         assert our_error <= 1.05 * their_error, (
