@@ -138,9 +138,13 @@ def test_op_matches_float64_reference(case: str, bias: bool) -> None:
         _close(leaf.grad, expected, f"grad of {name}")
 
 
-def test_op_pads_the_rows_of_odd_vocabularies(monkeypatch: pytest.MonkeyPatch) -> None:
-    """At V = 131 the chunk buffer's rows start every 192 elements (ROW_ALIGN), so that
-    cuBLAS and the kernel see aligned rows; the padding is never part of the result."""
+@pytest.mark.parametrize("vocab, row_stride", [(131, 192), (40, 64)])
+def test_op_pads_the_rows_of_odd_vocabularies(
+    monkeypatch: pytest.MonkeyPatch, vocab: int, row_stride: int
+) -> None:
+    """The chunk buffer's rows start every multiple of ROW_ALIGN elements, so that cuBLAS
+    and the kernel see aligned rows (V = 131: the vocabulary in two parts; V = 40: one);
+    the padding is never part of the result."""
     strides = []
     run_forward_kernel = flce_op.ce.run_forward_kernel
 
@@ -149,10 +153,10 @@ def test_op_pads_the_rows_of_odd_vocabularies(monkeypatch: pytest.MonkeyPatch) -
         return run_forward_kernel(logits, *args, **kwargs)
 
     monkeypatch.setattr(flce_op.ce, "run_forward_kernel", recording)
-    hidden, weight, bias, target = _inputs(bias=True, vocab=131)
+    hidden, weight, bias, target = _inputs(bias=True, vocab=vocab)
     loss = fused_linear_cross_entropy(hidden, weight, target, bias=bias)
     loss.backward()
-    assert len(strides) > 1 and set(strides) == {(192, 1)}
+    assert len(strides) > 1 and set(strides) == {(row_stride, 1)}
     expected_loss, expected_grads = _reference(hidden, weight, bias, target)
     _close(loss.detach(), expected_loss, "loss")
     for name, leaf, expected in zip(("hidden", "weight", "bias"), (hidden, weight, bias), expected_grads):
