@@ -61,7 +61,7 @@ CHUNK_BYTES = 2**30
 
 # The buffer's rows start every ROW_ALIGN elements (128 bytes of 16-bit logits), and the
 # matmuls take the vocabulary in a part of a multiple of ROW_ALIGN rows and the rest. At
-# V = 50257, 32001 or 128257, cuBLAS runs a matmul with V as a dimension 5-7 times
+# V = 50257, 32001 or 128257, cuBLAS runs a matmul with V as a dimension 4-7 times
 # slower than at 50304, 32000 or 128256, leading dimension padded or not, and the
 # cross-entropy kernel would have to realign unpadded rows (H200; bench/NOTES-flce.md).
 ROW_ALIGN = 64
