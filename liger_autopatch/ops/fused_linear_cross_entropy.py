@@ -61,9 +61,10 @@ CHUNK_BYTES = 2**30
 
 # The buffer's rows start every ROW_ALIGN elements (128 bytes of 16-bit logits), and the
 # matmuls take the vocabulary in a part of a multiple of ROW_ALIGN rows and the rest. At
-# V = 50257, 32001 or 128257, cuBLAS runs a matmul with V as a dimension 4-7 times
-# slower than at 50304, 32000 or 128256, leading dimension padded or not, and the
-# cross-entropy kernel would have to realign unpadded rows (H200; bench/NOTES-flce.md).
+# V = 50257, 32001 or 128257, cuBLAS runs the matmuls that have V as a dimension 4-7
+# times slower than at 50304, 32000 or 128256 (padded rows alone bring only the weight
+# gradient's back, to 1.5 times), and the cross-entropy kernel would have to realign
+# unpadded rows (H200; bench/NOTES-flce.md).
 ROW_ALIGN = 64
 
 _REDUCTIONS = ("mean", "sum")
