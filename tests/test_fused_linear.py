@@ -417,9 +417,9 @@ def _model(name: str, **extra) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(_config(name, **extra)).train()
 
 
-def _batch(seq: int = 40):
+def _batch(seq: int = 40, vocab: int = VOCAB):
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(1, VOCAB, (2, seq), generator=generator)
+    input_ids = torch.randint(1, vocab, (2, seq), generator=generator)
     labels = input_ids.clone()
     labels[0, :5] = -100
     return input_ids, labels
@@ -465,6 +465,14 @@ def test_routing_matches_original_forward(name: str) -> None:
     )
     if name == "mixtral":
         assert fused_out.aux_loss is not None and fused_out.aux_loss.item() > 0
+
+
+def test_routing_at_a_vocabulary_that_is_not_a_multiple_of_row_align() -> None:
+    """V = 131 (the op's padded rows, two-part matmuls) with lm_head tied to the embedding."""
+    input_ids, labels = _batch(vocab=131)
+    _assert_routed_like_original(
+        _model("qwen2", vocab_size=131), input_ids=input_ids, labels=labels
+    )
 
 
 @interpreter_only
