@@ -384,7 +384,7 @@ def test_out_of_memory_at_a_launch_propagates_and_keeps_the_path_on(failing_kern
 
 def test_gpus_the_kernels_cannot_be_built_for(monkeypatch):
     monkeypatch.setattr(ce_module, "_unusable_devices", {})
-    monkeypatch.setattr(ce_module, "_device_properties", {})
+    monkeypatch.setattr(ce_module, "_cuda_devices", {})
     asked = []
 
     def properties(device):
@@ -405,7 +405,7 @@ def test_gpus_the_kernels_cannot_be_built_for(monkeypatch):
 def test_l2_fetches_only_on_nvidia_hopper_for_long_rows(monkeypatch):
     # The fetch is a Hopper PTX instruction: any other GPU would fail to build the kernel.
     major_of = {0: 9, 1: 8, 2: 10}
-    monkeypatch.setattr(ce_module, "_device_properties", {})
+    monkeypatch.setattr(ce_module, "_cuda_devices", {})
     monkeypatch.setattr(
         torch.cuda,
         "get_device_properties",
@@ -422,6 +422,7 @@ def test_l2_fetches_only_on_nvidia_hopper_for_long_rows(monkeypatch):
     assert not fetches(128256, 1) and not fetches(128256, 2)  # Ampere, Blackwell
     assert not ce_module.launch_config(128256, torch.device("cuda", 0), "loss").l2_prefetch
     monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm reports major 9 for MI300
+    monkeypatch.setattr(ce_module, "_cuda_devices", {})  # a process's ROCm is fixed: configs are kept
     assert not fetches(128256, 0)
 
 
@@ -429,7 +430,7 @@ def test_first_blocks_not_loaded_ahead_where_the_kernel_would_spill(monkeypatch)
     # Compiled for compute capability 7.0 (V100) the 8-warp kernel spills with the blocks
     # it loads ahead (NOTES-ce v27); from 7.5 it does not.
     capability_of = {0: (7, 0), 1: (7, 5), 2: (9, 0)}
-    monkeypatch.setattr(ce_module, "_device_properties", {})
+    monkeypatch.setattr(ce_module, "_cuda_devices", {})
 
     def properties(device):
         major, minor = capability_of[device.index]
@@ -636,6 +637,19 @@ def test_gpu_bad_target_then_context_usable():
     torch.cuda.synchronize()
     target[700] = 5
     check(logits, target)
+    # Each call reads its own status (the pinned buffers it is copied into are reused),
+    # on whichever stream it runs.
+    target[3] = -7
+    with pytest.raises(ValueError, match="target -7"):
+        cross_entropy(logits, target)
+    target[3] = 4
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cross_entropy(logits, target)
+        target[9] = 40000
+        with pytest.raises(ValueError, match="target 40000"):
+            cross_entropy(logits, target)
 
 
 @gpu

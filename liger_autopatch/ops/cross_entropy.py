@@ -39,11 +39,9 @@ are built first and share the backward's code.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType, ModuleType
 from typing import Any, Literal
@@ -316,27 +314,23 @@ def torch_cross_entropy(
 # Kernel launches
 
 
-def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current device's stream: make that ``t``'s device (the
-    logits of a model spread over GPUs need not be on the current one). Switching costs
-    about 8 us of host time on an H200 machine, so only where the device differs."""
-    if t.is_cuda and t.get_device() != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+def _launch(t: Tensor, kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)`` for ``t``'s device.
 
-
-@contextlib.contextmanager
-def _launching(t: Tensor) -> Iterator[None]:
-    """Around one kernel launch for ``t``'s device (made current, see _on_device_of).
-
-    A launch that raises did not run its kernel (Triton builds and checks it first): the
-    Triton path goes off on that device and the error comes back as KernelFailure, which
-    the ops answer with torch's result. Running out of memory (for a launch argument) says
-    nothing about the kernels: it propagates as it is, and the path stays on.
+    Triton launches on the current device's stream, so ``t``'s device is made current
+    first where it is not (the logits of a model spread over GPUs need not be on the
+    current one; switching costs about 8 us of host time on an H200 machine). A launch
+    that raises did not run its kernel (Triton builds and checks it first): the Triton
+    path goes off on that device and the error comes back as KernelFailure, which the ops
+    answer with torch's result. Running out of memory (for a launch argument) says nothing
+    about the kernels: it propagates as it is, and the path stays on.
     """
     try:
-        with _on_device_of(t):
-            yield
+        if t.is_cuda and t.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                kernel[grid](*args, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:
@@ -382,14 +376,26 @@ class LaunchConfig:
 KernelPass = Literal["loss_and_gradient", "loss", "gradient"]
 
 
+# Interpreter: small blocks so that the tests cover multi-block rows.
+_INTERPRETER_CONFIG = LaunchConfig(block=64, num_warps=1, programs_per_sm=1, reverse=False)
+
+
 def launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) -> LaunchConfig:
     """Launch parameters for rows of ``n_cols`` logits, per pass: the forward kernel
     writing the gradient (read twice, write once), the forward kernel alone (read once),
     and the gradient-only kernels (read once, write once). bench/ce.py sweeps these;
-    bench/NOTES-ce.md has the measurements behind them (H100, then H200)."""
+    bench/NOTES-ce.md has the measurements behind them (H100, then H200). Chosen once per
+    device, vocabulary and pass."""
     if device.type != "cuda":
-        # Interpreter: small blocks so that the tests cover multi-block rows.
-        return LaunchConfig(block=64, num_warps=1, programs_per_sm=1, reverse=False)
+        return _INTERPRETER_CONFIG
+    configs = _cuda_device(device).launch_configs
+    config = configs.get((n_cols, kernel_pass))
+    if config is None:
+        config = configs[(n_cols, kernel_pass)] = _choose_launch_config(n_cols, device, kernel_pass)
+    return config
+
+
+def _choose_launch_config(n_cols: int, device: torch.device, kernel_pass: KernelPass) -> LaunchConfig:
     block = min(8192, 1 << (n_cols - 1).bit_length())
     if kernel_pass == "loss":
         # Read once, nothing to find in L2 again: many small programs keep the most loads
@@ -451,26 +457,35 @@ def _one_program_per_sm(n_cols: int) -> bool:
     return n_cols >= 65536 or (n_cols >= 49152 and (tail == 0 or tail >= 12288))
 
 
-_device_properties: dict[torch.device, Any] = {}
+@dataclass
+class _CudaDevice:
+    """What the launches need from one CUDA device: its properties (asked once: the
+    driver call costs host time) and the launch configurations chosen for it so far."""
+
+    properties: Any
+    launch_configs: dict[tuple[int, KernelPass], LaunchConfig] = field(default_factory=dict)
 
 
-def _properties(device: torch.device) -> Any:
-    """``torch.cuda.get_device_properties``, asked once per device."""
-    if device not in _device_properties:
-        _device_properties[device] = torch.cuda.get_device_properties(device)
-    return _device_properties[device]
+_cuda_devices: dict[torch.device, _CudaDevice] = {}
+
+
+def _cuda_device(device: torch.device) -> _CudaDevice:
+    known = _cuda_devices.get(device)
+    if known is None:
+        known = _cuda_devices[device] = _CudaDevice(torch.cuda.get_device_properties(device))
+    return known
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
     """The CUDA device's compute capability (major, minor)."""
-    properties = _properties(device)
+    properties = _cuda_device(device).properties
     return (properties.major, properties.minor)
 
 
 def _grid(n_rows: int, device: torch.device, config: LaunchConfig) -> tuple[int]:
     if device.type != "cuda":
         return (min(n_rows, 3),)
-    return (min(n_rows, _properties(device).multi_processor_count * config.programs_per_sm),)
+    return (min(n_rows, _cuda_device(device).properties.multi_processor_count * config.programs_per_sm),)
 
 
 def _realigned(rows: Tensor, written_in_step: Tensor | None = None) -> bool:
@@ -523,24 +538,34 @@ def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSit
     n_rows, n_cols = input.shape
     status = torch.empty(3, dtype=torch.int64, device=input.device)
     prediction = torch.empty((), dtype=torch.float32, device=input.device) if site is not None else None
-    with _launching(input):
-        _kernels().check_targets_kernel[(1,)](
-            target, target.stride(0), status,
-            site.state(input.device) if site is not None else status,
-            prediction if prediction is not None else status,
-            n_rows, n_cols, options.ignore_index,
-            HAS_SITE=site is not None,
-            BLOCK=4096 if input.is_cuda else 64,
-            num_warps=8,
-        )  # fmt: skip
+    _launch(
+        input, _kernels().check_targets_kernel, (1,),
+        target, target.stride(0), status,
+        site.state(input.device) if site is not None else status,
+        prediction if prediction is not None else status,
+        n_rows, n_cols, options.ignore_index,
+        HAS_SITE=site is not None,
+        BLOCK=4096 if input.is_cuda else 64,
+        num_warps=8,
+    )  # fmt: skip
     if not input.is_cuda or _no_host_reads(input):
         return TargetCheck(status, prediction, None, None)
-    host_status = torch.empty(3, dtype=torch.int64, pin_memory=True)
-    with _on_device_of(input):
-        host_status.copy_(status, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
+    spare = _spare_readbacks.get(input.device)
+    host_status, copied = spare.pop() if spare else _new_readback()
+    host_status.copy_(status, non_blocking=True)
+    copied.record(torch.cuda.current_stream(input.device))
     return TargetCheck(status, prediction, host_status, copied)
+
+
+# Pinned host buffers for the status copy, each with the event that marks its copy done,
+# kept per device between calls: allocating them costs host time on every call. A call
+# takes one and puts it back once it has read it, so no two calls share one (threads; a
+# call that raised between the copy and the read does not put its pair back).
+_spare_readbacks: dict[torch.device, list[tuple[Tensor, torch.cuda.Event]]] = {}
+
+
+def _new_readback() -> tuple[Tensor, torch.cuda.Event]:
+    return torch.empty(3, dtype=torch.int64, pin_memory=True), torch.cuda.Event()
 
 
 def _no_host_reads(input: Tensor) -> bool:
@@ -560,6 +585,7 @@ def read_check(check: TargetCheck, input: Tensor, options: Options, site: CallSi
     if check.copied is not None:
         check.copied.synchronize()
         bad_target, unsteady, _ = check.host_status.tolist()
+        _spare_readbacks.setdefault(input.device, []).append((check.host_status, check.copied))
     else:
         bad_target, unsteady, _ = check.status.tolist()
     if site is not None:
@@ -595,30 +621,30 @@ def run_forward_kernel(
     # Realigned rows that are fetched into L2 lose 2-11% with the register read-ahead on
     # top (H200, V = 40961-50280; with no L2 fetch, at 32001, it still gains 14%; NOTES-ce v28).
     prefetch = config.prefetch and not (align_rows and l2_prefetch)
-    with _launching(input):
-        _kernels().cross_entropy_forward_kernel[grid](
-            input, input.stride(0), input.stride(1),
-            target, target.stride(0),
-            rows, lse if lse is not None else rows,
-            grad_buffer, grad_buffer.stride(0), grad_buffer.stride(1),
-            denominator if denominator is not None else rows,
-            prediction if prediction is not None else rows,
-            n_rows, N_COLS=n_cols, n_programs=grid[0],
-            **_transform_args(options),
-            HAS_SMOOTHING=options.label_smoothing != 0.0,
-            STORE_LSE=store_lse,
-            WRITE_GRAD=grad is not None,
-            HAS_DENOMINATOR=grad is not None and denominator is not None,
-            REVERSE=config.reverse,
-            PREFETCH=prefetch,
-            L2_PREFETCH=l2_prefetch,
-            ALIGN_ROWS=align_rows,
-            BLOCK=config.block,
-            num_warps=config.num_warps,
-            # Without the limit the compiler may use more registers than the grid's
-            # programs per SM leave, and fewer programs run at once (NOTES-ce, v14).
-            maxnreg=config.max_registers,
-        )  # fmt: skip
+    _launch(
+        input, _kernels().cross_entropy_forward_kernel, grid,
+        input, input.stride(0), input.stride(1),
+        target, target.stride(0),
+        rows, lse if lse is not None else rows,
+        grad_buffer, grad_buffer.stride(0), grad_buffer.stride(1),
+        denominator if denominator is not None else rows,
+        prediction if prediction is not None else rows,
+        n_rows, N_COLS=n_cols, n_programs=grid[0],
+        **_transform_args(options),
+        HAS_SMOOTHING=options.label_smoothing != 0.0,
+        STORE_LSE=store_lse,
+        WRITE_GRAD=grad is not None,
+        HAS_DENOMINATOR=grad is not None and denominator is not None,
+        REVERSE=config.reverse,
+        PREFETCH=prefetch,
+        L2_PREFETCH=l2_prefetch,
+        ALIGN_ROWS=align_rows,
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+        # Without the limit the compiler may use more registers than the grid's
+        # programs per SM leave, and fewer programs run at once (NOTES-ce, v14).
+        maxnreg=config.max_registers,
+    )  # fmt: skip
     return rows, lse
 
 
@@ -638,25 +664,25 @@ def run_backward_kernel(
     """
     n_rows, n_cols = input.shape
     config = launch_config(n_cols, input.device, "gradient")
-    grad_output = grad_output.to(torch.float32)
+    grad_output = _float32(grad_output)
     grid = _grid(n_rows, input.device, config)
-    with _launching(input):
-        _kernels().cross_entropy_backward_kernel[grid](
-            input, input.stride(0), input.stride(1),
-            target, target.stride(0),
-            lse,
-            grad_output, grad_output.stride(0) if grad_output.dim() else 0,
-            denominator if denominator is not None else lse,
-            grad, grad.stride(0), grad.stride(1),
-            site.state(input.device) if site is not None else lse,
-            n_rows, N_COLS=n_cols, n_programs=grid[0],
-            **_transform_args(options),
-            HAS_DENOMINATOR=denominator is not None,
-            HAS_SITE=site is not None,
-            ALIGN_ROWS=_realigned(input, grad),
-            BLOCK=config.block,
-            num_warps=config.num_warps,
-        )  # fmt: skip
+    _launch(
+        input, _kernels().cross_entropy_backward_kernel, grid,
+        input, input.stride(0), input.stride(1),
+        target, target.stride(0),
+        lse,
+        grad_output, grad_output.stride(0) if grad_output.dim() else 0,
+        denominator if denominator is not None else lse,
+        grad, grad.stride(0), grad.stride(1),
+        site.state(input.device) if site is not None else lse,
+        n_rows, N_COLS=n_cols, n_programs=grid[0],
+        **_transform_args(options),
+        HAS_DENOMINATOR=denominator is not None,
+        HAS_SITE=site is not None,
+        ALIGN_ROWS=_realigned(input, grad),
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+    )  # fmt: skip
     return grad
 
 
@@ -664,15 +690,20 @@ def correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site
     n_rows, n_cols = grad.shape
     config = launch_config(n_cols, grad.device, "gradient")
     grid = _grid(n_rows, grad.device, config)
-    with _launching(grad):
-        _kernels().correct_gradient_kernel[grid](
-            grad, grad.stride(0), grad.stride(1),
-            grad_output.to(torch.float32), prediction, site.state(grad.device),
-            n_rows, N_COLS=n_cols, n_programs=grid[0],
-            ALIGN_ROWS=_realigned(grad),
-            BLOCK=config.block,
-            num_warps=config.num_warps,
-        )  # fmt: skip
+    _launch(
+        grad, _kernels().correct_gradient_kernel, grid,
+        grad, grad.stride(0), grad.stride(1),
+        _float32(grad_output), prediction, site.state(grad.device),
+        n_rows, N_COLS=n_cols, n_programs=grid[0],
+        ALIGN_ROWS=_realigned(grad),
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+    )  # fmt: skip
+
+
+def _float32(t: Tensor) -> Tensor:
+    # .to() parses its arguments even when there is nothing to convert (1 us).
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
 def _fresh_gradient_buffer(input: Tensor) -> Tensor:
