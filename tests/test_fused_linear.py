@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from liger_autopatch._registry import original_of
 from liger_autopatch.ops import fused_linear_cross_entropy as flce_op
-from liger_autopatch.ops.cross_entropy import cross_entropy
+from liger_autopatch.ops.cross_entropy import cross_entropy, supports
 from liger_autopatch.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from liger_autopatch.targets import fused_linear
 from liger_autopatch.targets.fused_linear import DeferredLogits
@@ -465,6 +465,50 @@ def test_routing_matches_original_forward(name: str) -> None:
     )
     if name == "mixtral":
         assert fused_out.aux_loss is not None and fused_out.aux_loss.item() > 0
+
+
+def _compiled_like_eager(model: torch.nn.Module, rtol: float = RTOL, **compile_options) -> None:
+    """The compiled model's loss and gradients are the eager (fused) model's, and the fused
+    routing stepped aside: dynamo traced the forward, so lm_head made real logits."""
+    input_ids, labels = _batch()
+    input_ids, labels = input_ids.to(model.device), labels.to(model.device)
+    eager_out, eager_grads = _loss_and_grads(model, type(model).__call__, input_ids=input_ids, labels=labels)
+    routed_before = fused_linear.routing()["flce.LlamaForCausalLM"]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, **compile_options)
+    outputs, grads = _loss_and_grads(compiled, type(compiled).__call__, input_ids=input_ids, labels=labels)
+    assert fused_linear.routing()["flce.LlamaForCausalLM"] == routed_before
+    assert not isinstance(outputs.logits, DeferredLogits)
+    _close(outputs.loss.detach(), eager_out.loss.detach(), "loss", rtol)
+    scale = max(g.abs().max() for g in eager_grads.values())
+    assert grads.keys() == {f"_orig_mod.{name}" for name in eager_grads}
+    for name, grad in eager_grads.items():
+        _close(grads[f"_orig_mod.{name}"] / scale, grad / scale, f"grad of {name}", rtol)
+
+
+def test_compiled_model_takes_the_custom_op_in_one_graph() -> None:
+    graphs: list[str] = []
+
+    def backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph_module.code)
+        return graph_module.forward
+
+    _compiled_like_eager(_model("llama"), backend=backend)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: a graph break"
+    # CPU tensors take the Triton path under TRITON_INTERPRET=1, set here where CUDA is absent.
+    if supports(torch.empty(1, VOCAB), torch.zeros(1, dtype=torch.long)):
+        assert "torch.ops.liger_autopatch.cross_entropy_rows" in graphs[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_model_with_inductor() -> None:
+    """As Trainer's ``torch_compile=True`` runs it: inductor, float32, one graph."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _compiled_like_eager(_model("llama").cuda(), rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_routing_at_a_vocabulary_that_is_not_a_multiple_of_row_align() -> None:
