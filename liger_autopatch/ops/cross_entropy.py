@@ -550,8 +550,10 @@ def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSit
     )  # fmt: skip
     if not input.is_cuda or _no_host_reads(input):
         return TargetCheck(status, prediction, None, None)
-    spare = _spare_readbacks.get(input.device)
-    host_status, copied = spare.pop() if spare else _new_readback()
+    try:
+        host_status, copied = _spare_readbacks[input.device].pop()  # one step: threads may race here
+    except (KeyError, IndexError):
+        host_status, copied = torch.empty(3, dtype=torch.int64, pin_memory=True), torch.cuda.Event()
     host_status.copy_(status, non_blocking=True)
     copied.record(torch.cuda.current_stream(input.device))
     return TargetCheck(status, prediction, host_status, copied)
@@ -562,10 +564,6 @@ def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSit
 # takes one and puts it back once it has read it, so no two calls share one (threads; a
 # call that raised between the copy and the read does not put its pair back).
 _spare_readbacks: dict[torch.device, list[tuple[Tensor, torch.cuda.Event]]] = {}
-
-
-def _new_readback() -> tuple[Tensor, torch.cuda.Event]:
-    return torch.empty(3, dtype=torch.int64, pin_memory=True), torch.cuda.Event()
 
 
 def _no_host_reads(input: Tensor) -> bool:
