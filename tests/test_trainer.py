@@ -31,7 +31,7 @@ config = transformers.LlamaConfig(max_position_embeddings=seq, **sizes)
 with torch.device(device):  # a 1B model initialises in seconds on the GPU, a minute on the CPU
     model = transformers.LlamaForCausalLM(config)
 micro_batch_losses = []
-model.register_forward_hook(lambda module, args, output: micro_batch_losses.append(output.loss.item()))
+recording = model.register_forward_hook(lambda module, args, output: micro_batch_losses.append(output.loss.item()))
 rows = []
 for i in range(16):
     ids = torch.randint(0, config.vocab_size, (seq,))
@@ -46,9 +46,25 @@ with tempfile.TemporaryDirectory() as out:
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
+    recording.remove()
+    evaluation = {}
+    if shape == "tiny":
+        # Evaluation with metrics: Trainer detaches, pads, gathers and concatenates
+        # outputs.logits (computed on demand by the fused path) and hands them to numpy.
+        def metrics(prediction):
+            logits = prediction.predictions.astype("float64")
+            labels = prediction.label_ids[:, 1:]
+            hits = logits[:, :-1].argmax(-1) == labels
+            return {"logits_sum": logits.sum(), "logits_abs_sum": abs(logits).sum(),
+                    "accuracy": hits[labels != -100].mean()}
+        trainer.compute_metrics = metrics
+        model.eval()
+        evaluation = trainer.evaluate(eval_dataset=rows[:7])
+        evaluation = {key: value for key, value in evaluation.items() if "runtime" not in key and "per_second" not in key}
 import liger_autopatch
 print(json.dumps({
     "losses": micro_batch_losses,
+    "evaluation": evaluation,
     "weights": [p.double().sum().item() for p in model.parameters()],
     "patched": sorted(row.target for row in liger_autopatch.status() if row.state == "patched"),
 }))
@@ -71,6 +87,8 @@ def test_trainer_with_gradient_accumulation_matches_unpatched():
     assert patched["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     # The updates, hence the gradients and their num_items_in_batch scaling, agree too.
     assert patched["weights"] == pytest.approx(plain["weights"], rel=1e-4, abs=1e-4)
+    assert set(patched["evaluation"]) == {"eval_loss", "eval_logits_sum", "eval_logits_abs_sum", "eval_accuracy", "epoch"}
+    assert patched["evaluation"] == pytest.approx(plain["evaluation"], rel=1e-5)
 
 
 @pytest.mark.gpu
