@@ -532,6 +532,13 @@ class TargetCheck:
     copied: torch.cuda.Event | None
 
 
+# Pinned host buffers for the status copy, each with the event that marks its copy done,
+# kept per device between calls: allocating them costs host time on every call. A call
+# takes one and puts it back once it has read it, so no two calls share one (threads; a
+# call that raised between the copy and the read does not put its pair back).
+_spare_readbacks: dict[torch.device, list[tuple[Tensor, torch.cuda.Event]]] = {}
+
+
 def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSite | None) -> TargetCheck:
     """Launch the target check; its result is read by :func:`read_check` once the loss
     kernel is queued behind it, so that the GPU never waits for the host."""
@@ -557,13 +564,6 @@ def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSit
     host_status.copy_(status, non_blocking=True)
     copied.record(torch.cuda.current_stream(input.device))
     return TargetCheck(status, prediction, host_status, copied)
-
-
-# Pinned host buffers for the status copy, each with the event that marks its copy done,
-# kept per device between calls: allocating them costs host time on every call. A call
-# takes one and puts it back once it has read it, so no two calls share one (threads; a
-# call that raised between the copy and the read does not put its pair back).
-_spare_readbacks: dict[torch.device, list[tuple[Tensor, torch.cuda.Event]]] = {}
 
 
 def _no_host_reads(input: Tensor) -> bool:
