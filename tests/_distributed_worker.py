@@ -8,7 +8,9 @@ the GPU of its local rank and NCCL.
 
 Each rank trains the same tiny Llama under each setup: by default DDP, FSDP2 with
 ``fully_shard`` per decoder layer then the root, and FSDP2 with lm_head in a unit of its
-own, released after its forward or kept gathered; ``zero3`` is DeepSpeed ZeRO stage 3.
+own, released after its forward or kept gathered; ``zero3`` is DeepSpeed ZeRO stage 3,
+and ``zero3_logits_used`` the same with lm_head's output used before the loss (a forward
+hook adds 0), which the fused path does not model.
 Each runs a few SGD steps on the rank's own slice of the same random tokens (the same
 slice every step, so that the loss falls and a wrong gradient would show in the next
 step's loss), and reads ``outputs.logits`` after the first step's loss and after the
@@ -79,13 +81,17 @@ def _flce_routing() -> dict[str, Any]:
 def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
     rank = dist.get_rank()
     before = _flce_routing() if patched else None
-    if setup == "zero3":
+    if setup in ("zero3", "zero3_logits_used"):
         import deepspeed
 
         model = _model(tokens.device)
         trained, *_ = deepspeed.initialize(
             model=model, config=ZERO3, model_parameters=model.parameters()
         )
+        if setup == "zero3_logits_used":
+            # After DeepSpeed's hooks, which have released lm_head's weight: the logits are
+            # used before the loss in a way the fused path does not model.
+            model.lm_head.register_forward_hook(lambda module, args, output: output + 0.0)
         backward, step_optimizer = trained.backward, trained.step
     else:
         trained = _wrap(setup, _model(tokens.device))

@@ -609,6 +609,33 @@ def test_unmodelled_use_of_the_logits_falls_back_with_the_same_loss() -> None:
         _close(grad, original_grads[name], f"grad of {name}")
 
 
+def test_detached_logits_before_the_loss_fall_back_with_the_same_loss() -> None:
+    # The original's loss then has no gradient at all: neither may ours.
+    model = _model("llama")
+    model.lm_head.register_forward_hook(lambda module, args, output: output.detach())
+    input_ids, labels = _batch()
+    fused = model(input_ids=input_ids, labels=labels)
+    assert "(detach)" in fused_linear.routing()["flce.LlamaForCausalLM"].last_reason
+    original = original_of(type(model).forward)(model, input_ids=input_ids, labels=labels)
+    _close(fused.loss, original.loss, "loss")
+    assert not fused.loss.requires_grad and not original.loss.requires_grad
+
+
+def test_logits_detached_after_a_fused_loss_stay_uncomputed_until_read() -> None:
+    # As Trainer's evaluation loop (nested_detach) and DeepSpeed's hook on the model's
+    # output detach them.
+    model = _model("llama")
+    input_ids, labels = _batch()
+    outputs = model(input_ids=input_ids, labels=labels)
+    detached = outputs.logits.detach()
+    assert isinstance(detached, DeferredLogits) and not detached.requires_grad
+    assert outputs.logits._materialized is None and detached._materialized is None
+    expected = original_of(type(model).forward)(model, input_ids=input_ids).logits
+    values = detached.float()
+    assert not values.requires_grad and outputs.logits._materialized is None
+    _close(values, expected.detach(), "detached logits")
+
+
 def _hook_outputs_like_fsdp2(model: torch.nn.Module, seen: list) -> None:
     """What FSDP2's post-forward does to a unit's outputs: look at ``_base`` and register
     a gradient hook on each one that requires grad."""

@@ -22,10 +22,14 @@ The model keeps running its own forward. Three pieces route the loss around the 
   on ``logits.view(-1, V)`` themselves reach :func:`fused_cross_entropy_loss` through our
   ``CrossEntropyLoss`` global (:mod:`~liger_autopatch.targets.model_modules`).
 
-An lm_head that FSDP2's ``fully_shard`` made a unit of its own has its gathered weight
-released when it returns, before the loss: the loss (or reading the logits) gathers it
-again with FSDP's own ``unshard`` (:meth:`_LinearSource.gather`), and FSDP releases it
-after lm_head's backward as usual.
+Sharded weights. An lm_head that FSDP2's ``fully_shard`` made a unit of its own, or whose
+parameters DeepSpeed ZeRO-3 partitions, has its gathered weight released when it returns,
+before the loss: the loss (or reading the logits) gathers it again with the engine's own
+gather (:meth:`_LinearSource.gathered`: FSDP's ``unshard``, DeepSpeed's
+``GatheredParameters``). The fused op makes its gradients in the forward, so its backward
+needs no weight; the weight gradient reaches the engine's reduction as lm_head's own
+would. Under ZeRO-3, whose memory-efficient linear replaces ``torch.nn.functional.linear``,
+lm_head's forward itself is deferred for the call (an instance attribute, removed after).
 
 What falls back, and why, is counted per target in :func:`routing`; errors inside this
 code are recorded as ``failed`` in ``status`` and the ordinary path runs.
@@ -34,11 +38,12 @@ code are recorded as ``failed`` in ``status`` and the ordinary path runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -102,6 +107,10 @@ def _count(target: str, *, fused: bool, reason: str = "") -> None:
 # The deferred logits.
 
 
+def _storage_freed(tensors: tuple[Tensor, ...]) -> bool:
+    return any(t.untyped_storage().size() == 0 and t.numel() > 0 for t in tensors)
+
+
 @dataclass(frozen=True)
 class _FsdpUnit:
     """An lm_head that ``fully_shard`` made a unit of its own, seen before the forward:
@@ -113,10 +122,79 @@ class _FsdpUnit:
     params: tuple[Tensor, ...]
     versions: tuple[int, ...]
 
+    # What reading the logits must come before, for the error message.
+    deadline = "the optimizer step"
+
     @classmethod
     def before_forward(cls, module: torch.nn.Module) -> _FsdpUnit:
         params = tuple(module.parameters())
         return cls(module, params, tuple(p._version for p in params))
+
+    def released(self, tensors: tuple[Tensor, ...]) -> bool:
+        return _storage_freed(tensors)
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """FSDP's own ``unshard`` refills the same parameters; FSDP releases them again
+        after lm_head's backward (or its next forward), as when it gathers them itself."""
+        self.module.unshard()
+        yield
+
+    def changed(self) -> bool:
+        return tuple(p._version for p in self.params) != self.versions
+
+    def fused_loss_made(self, loss: Tensor) -> None:
+        pass  # an optimizer step changes the version counters above
+
+    def gathers_for_backward(self, output: Tensor) -> Tensor:
+        return output  # FSDP2's own hooks on lm_head see to its backward
+
+
+@dataclass
+class _Zero3LmHead:
+    """An lm_head whose parameters DeepSpeed ZeRO-3 partitions. DeepSpeed's module hooks
+    gather them for lm_head's forward and release them when it returns, before the loss;
+    for lm_head's backward they gather them again through an autograd function that a
+    hook puts on lm_head's output (``pre_bwd_fn``). DeepSpeed's optimizer writes the
+    partitions through ``.data``, which leaves no version counter changed: logits left
+    uncomputed can be computed until the fused loss's backward starts."""
+
+    module: torch.nn.Module
+    params: tuple[Tensor, ...]
+    backward_started: bool = False
+
+    # What reading the logits must come before, for the error message.
+    deadline = "the backward of the loss"
+
+    @classmethod
+    def before_forward(cls, module: torch.nn.Module) -> _Zero3LmHead:
+        return cls(module, tuple(module.parameters()))
+
+    def released(self, tensors: tuple[Tensor, ...]) -> bool:
+        return any(p.ds_status.name != "AVAILABLE" for p in self.params)
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """DeepSpeed's own ``GatheredParameters``: gathered inside, partitioned on exit."""
+        import deepspeed
+
+        released = [p for p in self.params if p.ds_status.name != "AVAILABLE"]
+        with deepspeed.zero.GatheredParameters(released):
+            yield
+
+    def changed(self) -> bool:
+        return self.backward_started
+
+    def fused_loss_made(self, loss: Tensor) -> None:
+        if loss.grad_fn is not None:
+            loss.grad_fn.register_prehook(self._mark_backward_started)
+
+    def _mark_backward_started(self, grad_outputs: tuple) -> None:
+        self.backward_started = True
+
+    def gathers_for_backward(self, output: Tensor) -> Tensor:
+        """Logits computed later from the weight: their backward needs it gathered too."""
+        return self.module.pre_bwd_fn.apply(output) if output.requires_grad else output
 
 
 @dataclass
@@ -128,25 +206,32 @@ class _LinearSource:
     bias: Tensor | None
     target: str
     versions: tuple[int, ...]
-    fsdp_unit: _FsdpUnit | None = None
+    n_vocab: int  # lm_head's outputs (an engine may release the weight after the call)
+    sharded: _FsdpUnit | _Zero3LmHead | None = None
     loss_fused: bool = False
     regathered: bool = False
+    # Inside lm_head's call (ZeRO-3): DeepSpeed's hook detaches lm_head's output and
+    # passes it through an autograd function, which reconnects it.
+    in_lm_head_call: bool = False
 
     def tensors(self) -> tuple[Tensor, ...]:
         return tuple(t for t in (self.hidden, self.weight, self.bias) if t is not None)
 
-    def gather(self) -> None:
-        """Make lm_head's weight (and bias) hold what its forward used again, where FSDP2
-        released them: FSDP's own ``unshard`` refills the same parameters. FSDP releases
-        them again after lm_head's backward (or its next forward), as it does when it
-        gathers them for that backward itself."""
-        if self.fsdp_unit is None or not self._released():
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """lm_head's weight (and bias) hold what its forward used, where an engine
+        released them since (FSDP2 unit, ZeRO-3), by the engine's own gather."""
+        if self.sharded is None or not self.sharded.released(self.tensors()):
+            yield
             return
-        self.fsdp_unit.module.unshard()
-        self.regathered = True
+        with self.sharded.gathered():
+            self.regathered = True
+            yield
 
-    def _released(self) -> bool:
-        return any(t.untyped_storage().size() == 0 and t.numel() > 0 for t in self.tensors())
+    def gathers_for_backward(self, output: Tensor) -> Tensor:
+        """``output`` (logits computed from the weight), made to have the engine gather the
+        weight again before its backward, as lm_head's own output would have."""
+        return output if self.sharded is None else self.sharded.gathers_for_backward(output)
 
     def check_unchanged(self) -> None:
         """Raise if the logits can no longer be computed as the forward would have."""
@@ -154,15 +239,17 @@ class _LinearSource:
         # optimizer step changes then is the sharded parameters.
         tensors = (self.hidden,) if self.regathered else self.tensors()
         changed = tuple(t._version for t in tensors) != self.versions[: len(tensors)]
-        if self.fsdp_unit is not None:
-            changed |= tuple(p._version for p in self.fsdp_unit.params) != self.fsdp_unit.versions
-        freed = self._released()
+        if self.sharded is None:
+            freed, deadline = _storage_freed(self.tensors()), "the optimizer step"
+        else:
+            freed, deadline = self.sharded.released(self.tensors()), self.sharded.deadline
+            changed |= self.sharded.changed()
         if changed or freed:
             raise RuntimeError(
                 "liger_autopatch: these logits were left uncomputed by the forward (fused "
                 "linear cross-entropy) and lm_head's weight or input has been "
                 f"{'released' if freed else 'modified'} since, so they cannot be computed now. "
-                f"Read outputs.logits before the optimizer step, or {OPT_OUT}."
+                f"Read outputs.logits before {deadline}, or {OPT_OUT}."
             )
 
 
@@ -251,6 +338,7 @@ class DeferredLogits(torch.Tensor):
     _source: _LinearSource
     _steps: tuple[_Step, ...]
     _rows_only: bool  # viewed as (N, V)
+    _detached: bool  # made by .detach(): computed without autograd
     _materialized: Tensor | None
     _hooks: dict[int, Callable[[Tensor], Tensor | None]]  # gradient hooks, for the real logits
 
@@ -261,10 +349,12 @@ class DeferredLogits(torch.Tensor):
         steps: tuple[_Step, ...],
         dtype: torch.dtype,
         rows_only: bool = False,
+        detached: bool = False,
     ) -> DeferredLogits:
-        hidden, weight = source.hidden, source.weight
-        requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in source.tensors())
-        n_vocab = weight.shape[0]
+        hidden, n_vocab = source.hidden, source.n_vocab
+        requires_grad = (
+            not detached and torch.is_grad_enabled() and any(t.requires_grad for t in source.tensors())
+        )
         self = torch.Tensor._make_wrapper_subclass(
             cls,
             (hidden.numel() // hidden.shape[-1], n_vocab)
@@ -277,6 +367,7 @@ class DeferredLogits(torch.Tensor):
         self._source = source
         self._steps = steps
         self._rows_only = rows_only
+        self._detached = detached
         self._materialized = None
         self._hooks = collections.OrderedDict()  # RemovableHandle holds it by weak reference
         return self
@@ -289,14 +380,16 @@ class DeferredLogits(torch.Tensor):
         """
         if self._materialized is None:
             source = self._source
-            source.gather()
-            source.check_unchanged()
-            with torch.autocast(source.hidden.device.type, enabled=False):
-                logits = F.linear(source.hidden, source.weight, source.bias)
-            for step in self._steps:
-                logits = step.replay(logits)
-            for hook in self._hooks.values():
-                logits.register_hook(hook)
+            with source.gathered(), torch.set_grad_enabled(torch.is_grad_enabled() and not self._detached):
+                source.check_unchanged()
+                with torch.autocast(source.hidden.device.type, enabled=False):
+                    logits = F.linear(source.hidden, source.weight, source.bias)
+                logits = source.gathers_for_backward(logits)
+                for step in self._steps:
+                    logits = step.replay(logits)
+            if logits.requires_grad:
+                for hook in self._hooks.values():
+                    logits.register_hook(hook)
             self._materialized = logits
         return self._materialized
 
@@ -335,12 +428,26 @@ class DeferredLogits(torch.Tensor):
         # outer * tanh(scale * x) = softcap * tanh(logit_scale * x / softcap)
         return (scale * outer, outer)
 
+    def _detach(self) -> DeferredLogits | None:
+        """``.detach()`` without computing the logits, where it can wait: inside lm_head's
+        call under ZeRO-3 (DeepSpeed's hook detaches lm_head's output and reconnects it
+        to autograd through a function of its own, before the loss), and after a fused
+        loss (nothing needs their gradient; DeepSpeed's hook on the model's output, or
+        Trainer's evaluation loop, detach them). None: compute them now."""
+        if self._materialized is not None:
+            return None
+        if self._source.in_lm_head_call:
+            return DeferredLogits(self._source, self._steps, self.dtype, self._rows_only, self._detached)
+        if self._source.loss_fused:
+            return DeferredLogits(self._source, self._steps, self.dtype, self._rows_only, detached=True)
+        return None
+
     def _then(self, step: _Step) -> Tensor:
         if self._materialized is not None:
             return step.replay(self._materialized)
         dtype = torch.float32 if step.kind == "upcast" else self.dtype
         rows_only = self._rows_only or step.kind == "rows"
-        return DeferredLogits(self._source, (*self._steps, step), dtype, rows_only)
+        return DeferredLogits(self._source, (*self._steps, step), dtype, rows_only, self._detached)
 
     def _materialize_for(self, func: Callable[..., Any]) -> Tensor:
         source = self._source
@@ -361,6 +468,10 @@ class DeferredLogits(torch.Tensor):
                 return func(*args, **kwargs)
         if func is torch.Tensor.register_hook and len(args) == 2 and not kwargs:
             return args[0]._register_hook(args[1])
+        if func is torch.Tensor.detach and len(args) == 1 and not kwargs:
+            detached = args[0]._detach()
+            if detached is not None:
+                return detached
         recorded = _recordable(func, args, kwargs)
         if recorded is not None:
             deferred, step = recorded
@@ -383,7 +494,7 @@ class _DeferredHidden(torch.Tensor):
     """lm_head's input inside a wrapped forward: ``F.linear`` on it is deferred."""
 
     _target: str
-    _fsdp_unit: _FsdpUnit | None
+    _sharded: _FsdpUnit | _Zero3LmHead | None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -399,7 +510,7 @@ class _DeferredHidden(torch.Tensor):
             and isinstance(args[0], _DeferredHidden)
         ):
             deferred = _defer_linear(
-                *plain_args, target=args[0]._target, fsdp_unit=args[0]._fsdp_unit
+                *plain_args, target=args[0]._target, sharded=args[0]._sharded
             )
             if deferred is not None:
                 return deferred
@@ -412,7 +523,7 @@ def _defer_linear(
     bias: Tensor | None = None,
     *,
     target: str,
-    fsdp_unit: _FsdpUnit | None,
+    sharded: _FsdpUnit | _Zero3LmHead | None,
 ) -> Tensor | None:
     """The deferred ``F.linear(hidden, weight, bias)``, in the dtype autocast would give."""
     device_type = hidden.device.type
@@ -424,7 +535,8 @@ def _defer_linear(
         return None  # F.linear itself raises on this
     tensors = tuple(t for t in (hidden, weight, bias) if t is not None)
     source = _LinearSource(
-        hidden, weight, bias, target, tuple(t._version for t in tensors), fsdp_unit
+        hidden, weight, bias, target, tuple(t._version for t in tensors), weight.shape[0], sharded,
+        in_lm_head_call=isinstance(sharded, _Zero3LmHead),
     )
     return DeferredLogits(source, (), hidden.dtype)
 
@@ -448,10 +560,8 @@ def fused_causal_lm_loss(
     """
 
     def targets() -> Tensor | str:
-        if vocab_size != logits._source.weight.shape[0]:
-            return (
-                f"vocab_size {vocab_size} is not lm_head's {logits._source.weight.shape[0]} outputs"
-            )
+        if vocab_size != logits.shape[-1]:  # lm_head's outputs (its weight may be released now)
+            return f"vocab_size {vocab_size} is not lm_head's {logits.shape[-1]} outputs"
         if shift_labels is not None:
             return shift_labels
         if labels is None:
@@ -505,6 +615,8 @@ def _fused_loss(
     if isinstance(loss_or_reason, str):
         _count(source.target, fused=False, reason=loss_or_reason)
         return None
+    if source.sharded is not None:
+        source.sharded.fused_loss_made(loss_or_reason)
     source.loss_fused = True
     _count(source.target, fused=True)
     return loss_or_reason
@@ -530,18 +642,19 @@ def _fused_or_reason(
     hidden = source.hidden.reshape(-1, source.hidden.shape[-1])
     if target.numel() != hidden.shape[0]:
         return f"{target.numel()} labels for {hidden.shape[0]} rows of logits"
-    source.gather()
-    return fused_linear_cross_entropy(
-        hidden,
-        source.weight,
-        target.reshape(-1).to(hidden.device),
-        bias=source.bias,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        softcap=softcap,
-        logit_scale=logit_scale,
-    )
+    # The op makes its gradients here, in the forward: the backward needs no weight.
+    with source.gathered():
+        return fused_linear_cross_entropy(
+            hidden,
+            source.weight,
+            target.reshape(-1).to(hidden.device),
+            bias=source.bias,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            softcap=softcap,
+            logit_scale=logit_scale,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -599,32 +712,43 @@ def _wrap_forward(original: Callable[..., Any], target: str) -> Callable[..., An
             labels = args[labels_position]
         if (labels is None and kwargs.get("shift_labels") is None) or torch.compiler.is_compiling():
             return original(self, *args, **kwargs)
-        hook = _defer_lm_head(self, target)
-        if hook is None:
+        hooks = _defer_lm_head(self, target)
+        if not hooks:
             return original(self, *args, **kwargs)
         try:
             return original(self, *args, **kwargs)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
 
     setattr(forward, ORIGINAL_ATTR, original)
     return forward
 
 
-def _defer_lm_head(model: torch.nn.Module, target: str) -> torch.utils.hooks.RemovableHandle | None:
-    """Register the pre-hook that defers lm_head's output for one call; None where this
-    model cannot take the fused path (the reason is counted)."""
+def _defer_lm_head(model: torch.nn.Module, target: str) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register the hooks that defer lm_head's output for one call; none where this model
+    cannot take the fused path (the reason is counted)."""
     try:
         lm_head = model.get_output_embeddings()
         reason = _cannot_defer(model, lm_head)
         if reason:
             _count(target, fused=False, reason=reason)
-            return None
+            return []
+        if hasattr(lm_head.weight, "ds_id"):
+            # DeepSpeed ZeRO-3 replaces torch.nn.functional.linear with an autograd function
+            # of its own (its memory-efficient linear), so F.linear on a deferred input is
+            # never seen: lm_head's forward itself is deferred for this call.
+            zero3 = _Zero3LmHead.before_forward(lm_head)
+            return [
+                _InstanceForward(lm_head, functools.partial(_deferred_linear_forward, lm_head, target, zero3)),
+                # Runs after DeepSpeed's forward hooks, which were registered before it.
+                lm_head.register_forward_hook(_end_of_lm_head_call),
+            ]
         fsdp_unit = _FsdpUnit.before_forward(lm_head) if _is_fsdp2_unit(lm_head) else None
-        return lm_head.register_forward_pre_hook(functools.partial(_defer_input, target, fsdp_unit))
+        return [lm_head.register_forward_pre_hook(functools.partial(_defer_input, target, fsdp_unit))]
     except Exception as exc:
         record_failure(target, FAMILY, exc)
-        return None
+        return []
 
 
 def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
@@ -643,8 +767,13 @@ def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
         return ""
     if type(lm_head) is not torch.nn.Linear:
         return f"lm_head is {type(lm_head).__name__}, not torch.nn.Linear (adapted, quantized or sharded)"
-    if type(weight) is not torch.nn.Parameter or hasattr(weight, "ds_id"):
+    if type(weight) is not torch.nn.Parameter:
         return f"lm_head's weight is a {type(weight).__name__} (sharded)"
+    if hasattr(weight, "ds_id"):
+        if "pre_bwd_fn" not in vars(lm_head):
+            return "lm_head's weight is partitioned by DeepSpeed ZeRO-3, but lm_head has no ZeRO-3 module hooks"
+        if "forward" in vars(lm_head):
+            return "lm_head (DeepSpeed ZeRO-3) has a forward of its own instance"
     return ""
 
 
@@ -657,11 +786,35 @@ def _is_fsdp2_unit(module: torch.nn.Module) -> bool:
 
 
 def _defer_input(
-    target: str, fsdp_unit: _FsdpUnit | None, module: torch.nn.Module, args: tuple
+    target: str, sharded: _FsdpUnit | _Zero3LmHead | None, module: torch.nn.Module, args: tuple
 ) -> tuple | None:
     if len(args) != 1 or type(args[0]) is not torch.Tensor:
         return None
     hidden = args[0].as_subclass(_DeferredHidden)
     hidden._target = target
-    hidden._fsdp_unit = fsdp_unit
+    hidden._sharded = sharded
     return (hidden,)
+
+
+class _InstanceForward:
+    """``module.forward`` replaced on the instance until ``remove()``."""
+
+    def __init__(self, module: torch.nn.Module, forward: Callable[..., Any]) -> None:
+        self.module, self.forward = module, forward
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.forward:
+            del self.module.forward
+
+
+def _deferred_linear_forward(
+    lm_head: torch.nn.Linear, target: str, sharded: _Zero3LmHead, hidden: Tensor
+) -> Tensor:
+    deferred = _defer_linear(hidden, lm_head.weight, lm_head.bias, target=target, sharded=sharded)
+    return deferred if deferred is not None else type(lm_head).forward(lm_head, hidden)
+
+
+def _end_of_lm_head_call(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    if isinstance(output, DeferredLogits):
+        output._source.in_lm_head_call = False
