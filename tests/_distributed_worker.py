@@ -9,7 +9,8 @@ the GPU of its local rank and NCCL.
 Each rank trains the same tiny Llama under each setup: by default DDP, FSDP2 with
 ``fully_shard`` per decoder layer then the root, and FSDP2 with lm_head in a unit of its
 own, released after its forward or kept gathered; ``zero3`` is DeepSpeed ZeRO stage 3,
-and ``zero3_logits_used`` the same with lm_head's output used before the loss (a forward
+``zero3_tied`` the same with lm_head's weight tied to the embedding, and
+``zero3_logits_used`` the same with lm_head's output used before the loss (a forward
 hook adds 0), which the fused path does not model.
 Each runs a few SGD steps on the rank's own slice of the same random tokens (the same
 slice every step, so that the loss falls and a wrong gradient would show in the next
@@ -44,12 +45,12 @@ STEPS = 3
 BATCH, SEQ = 2, 16
 
 
-def _model(device: torch.device) -> torch.nn.Module:
+def _model(device: torch.device, tied: bool = False) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
     # An lm_head unit of its own cannot share its weight with the embedding.
-    config = llama_like_config("LlamaConfig", tie_word_embeddings=False)
+    config = llama_like_config("LlamaConfig", tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(config).to(device)
 
 
@@ -81,12 +82,19 @@ def _flce_routing() -> dict[str, Any]:
 def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
     rank = dist.get_rank()
     before = _flce_routing() if patched else None
-    if setup in ("zero3", "zero3_logits_used"):
+    if setup.startswith("zero3"):
         import deepspeed
 
-        model = _model(tokens.device)
+        model = _model(tokens.device, tied=setup == "zero3_tied")
+        config = ZERO3
+        if setup == "zero3_logits_used":
+            # torch's own F.linear, not DeepSpeed's memory-efficient one, which gathers the
+            # weight in its backward itself. Once a setup has turned that on, it stays on in
+            # the process: this setup runs first.
+            zero = {**ZERO3["zero_optimization"], "memory_efficient_linear": False}
+            config = {**ZERO3, "zero_optimization": zero}
         trained, *_ = deepspeed.initialize(
-            model=model, config=ZERO3, model_parameters=model.parameters()
+            model=model, config=config, model_parameters=model.parameters()
         )
         if setup == "zero3_logits_used":
             # After DeepSpeed's hooks, which have released lm_head's weight: the logits are

@@ -113,32 +113,33 @@ def zero3_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], li
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     scratch = tmp_path_factory.mktemp("zero3")
-    setups = ("zero3", "zero3_logits_used")
+    setups = ("zero3_logits_used", "zero3", "zero3_tied")  # see the worker for the order
     patched = _torchrun(scratch / "patched.json", {}, setups)
     plain = _torchrun(scratch / "plain.json", {"LIGER_DISABLE": "1"}, setups)
     return patched, plain
 
 
-def test_zero3_fused_path_with_deepspeeds_gather_matches_unpatched(zero3_runs):
+@pytest.mark.parametrize("setup", ["zero3", "zero3_tied"])
+def test_zero3_fused_path_with_deepspeeds_gather_matches_unpatched(zero3_runs, setup):
     # DeepSpeed releases lm_head's weight when lm_head returns: the loss gathers it again
     # with DeepSpeed's GatheredParameters. The losses of later steps depend on the
     # gradients of earlier ones (SGD, lr 1).
     patched, plain = zero3_runs
     for ours, theirs in zip(patched, plain):
-        record = ours["zero3"]
+        record = ours[setup]
         assert record["fused"] == 3 and record["fell_back"] == 0, record
         # Read after the loss, through DeepSpeed's hook on the model's output.
-        assert record["logits_sum"] == pytest.approx(theirs["zero3"]["logits_sum"], rel=1e-5)
+        assert record["logits_sum"] == pytest.approx(theirs[setup]["logits_sum"], rel=1e-5)
         # DeepSpeed's optimizer leaves no version counter changed: past the backward the
         # logits cannot be told from stale ones, so reading them raises.
         late = record["logits_after_step"]
         assert isinstance(late, str) and "before the backward of the loss" in late, late
-    assert patched[0]["zero3"]["losses"] == pytest.approx(plain[0]["zero3"]["losses"], rel=1e-5)
+    assert patched[0][setup]["losses"] == pytest.approx(plain[0][setup]["losses"], rel=1e-5)
 
 
 def test_zero3_logits_used_before_the_loss_fall_back_with_the_same_losses(zero3_runs):
-    # Computed after DeepSpeed released lm_head's weight: gathered for them, and again
-    # for their backward (DeepSpeed's own pre-backward function).
+    # Computed after DeepSpeed released lm_head's weight (gathered again for them), with
+    # torch's own F.linear (this setup turns DeepSpeed's memory-efficient linear off).
     patched, plain = zero3_runs
     for ours, theirs in zip(patched, plain):
         record = ours["zero3_logits_used"]

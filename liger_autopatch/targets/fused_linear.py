@@ -146,18 +146,16 @@ class _FsdpUnit:
     def fused_loss_made(self, loss: Tensor) -> None:
         pass  # an optimizer step changes the version counters above
 
-    def gathers_for_backward(self, output: Tensor) -> Tensor:
-        return output  # FSDP2's own hooks on lm_head see to its backward
-
 
 @dataclass
 class _Zero3LmHead:
     """An lm_head whose parameters DeepSpeed ZeRO-3 partitions. DeepSpeed's module hooks
-    gather them for lm_head's forward and release them when it returns, before the loss;
-    for lm_head's backward they gather them again through an autograd function that a
-    hook puts on lm_head's output (``pre_bwd_fn``). DeepSpeed's optimizer writes the
-    partitions through ``.data``, which leaves no version counter changed: logits left
-    uncomputed can be computed until the fused loss's backward starts."""
+    gather them for lm_head's forward and release them when it returns, before the loss.
+    (Logits computed from them later need no gather for their backward: what autograd
+    saves of the weight keeps the gathered values, as when lm_head runs.) DeepSpeed's
+    optimizer writes the partitions through ``.data``, which leaves no version counter
+    changed: logits left uncomputed can be computed until the fused loss's backward
+    starts."""
 
     module: torch.nn.Module
     params: tuple[Tensor, ...]
@@ -192,10 +190,6 @@ class _Zero3LmHead:
     def _mark_backward_started(self, grad_outputs: tuple) -> None:
         self.backward_started = True
 
-    def gathers_for_backward(self, output: Tensor) -> Tensor:
-        """Logits computed later from the weight: their backward needs it gathered too."""
-        return self.module.pre_bwd_fn.apply(output) if output.requires_grad else output
-
 
 @dataclass
 class _LinearSource:
@@ -227,11 +221,6 @@ class _LinearSource:
         with self.sharded.gathered():
             self.regathered = True
             yield
-
-    def gathers_for_backward(self, output: Tensor) -> Tensor:
-        """``output`` (logits computed from the weight), made to have the engine gather the
-        weight again before its backward, as lm_head's own output would have."""
-        return output if self.sharded is None else self.sharded.gathers_for_backward(output)
 
     def check_unchanged(self) -> None:
         """Raise if the logits can no longer be computed as the forward would have."""
@@ -384,7 +373,6 @@ class DeferredLogits(torch.Tensor):
                 source.check_unchanged()
                 with torch.autocast(source.hidden.device.type, enabled=False):
                     logits = F.linear(source.hidden, source.weight, source.bias)
-                logits = source.gathers_for_backward(logits)
                 for step in self._steps:
                     logits = step.replay(logits)
             if logits.requires_grad:
@@ -769,11 +757,8 @@ def _cannot_defer(model: torch.nn.Module, lm_head: Any) -> str:
         return f"lm_head is {type(lm_head).__name__}, not torch.nn.Linear (adapted, quantized or sharded)"
     if type(weight) is not torch.nn.Parameter:
         return f"lm_head's weight is a {type(weight).__name__} (sharded)"
-    if hasattr(weight, "ds_id"):
-        if "pre_bwd_fn" not in vars(lm_head):
-            return "lm_head's weight is partitioned by DeepSpeed ZeRO-3, but lm_head has no ZeRO-3 module hooks"
-        if "forward" in vars(lm_head):
-            return "lm_head (DeepSpeed ZeRO-3) has a forward of its own instance"
+    if hasattr(weight, "ds_id") and "forward" in vars(lm_head):
+        return "lm_head (DeepSpeed ZeRO-3) has a forward of its own instance"
     return ""
 
 
