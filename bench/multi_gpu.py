@@ -1,9 +1,10 @@
-"""Several GPUs (issue 6, part 3): DDP and FSDP2 training under torchrun, with no code change.
+"""Several GPUs (issue 6, part 3): DDP, FSDP2 and ZeRO-3 training under torchrun, with no code change.
 
-    python bench/multi_gpu.py [ddp|fsdp2 ...]   # on a host with 2+ GPUs; prints a table, writes bench/results/multi_gpu-*.json
+    python bench/multi_gpu.py [ddp|fsdp2|zero3 ...]   # on a host with 2+ GPUs; prints a table, writes bench/results/multi_gpu-*.json
 
-Four runs (or those of the parallelisms named), each ``torchrun --nproc_per_node <GPUs>`` of this file in worker mode:
-{DDP, FSDP2 (``fully_shard`` per decoder layer, then the root)} x {liger_autopatch as
+Six runs (or those of the parallelisms named), each ``torchrun --nproc_per_node <GPUs>`` of this file in worker mode:
+{DDP, FSDP2 (``fully_shard`` per decoder layer, then the root), DeepSpeed ZeRO-3 (bf16,
+the same AdamW as its client optimizer; needs ``deepspeed``)} x {liger_autopatch as
 installed, transformers as is (``LIGER_DISABLE=1``)}. The model is bench/train.py's
 Llama-3.2-1B shape; each rank trains on its own slice of the same random tokens, batch 4
 x 4096 per rank, fused AdamW (lr 1e-4), 3 warm-up steps and 5 timed. After training,
@@ -38,6 +39,14 @@ RUNS = {
     ("ddp", "transformers"): {"LIGER_DISABLE": "1"},
     ("fsdp2", "liger_autopatch"): {},
     ("fsdp2", "transformers"): {"LIGER_DISABLE": "1"},
+    ("zero3", "liger_autopatch"): {},
+    ("zero3", "transformers"): {"LIGER_DISABLE": "1"},
+}
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": BATCH,
+    "bf16": {"enabled": True},
+    "zero_optimization": {"stage": 3},
+    "zero_allow_untested_optimizer": True,
 }
 
 
@@ -50,15 +59,30 @@ def _worker(parallelism: str, out: Path) -> None:
     dist.init_process_group("nccl")
     model = llama_1b()
     config = model.config
-    if parallelism == "ddp":
-        trained = torch.nn.parallel.DistributedDataParallel(model)
-    else:
-        from torch.distributed.fsdp import fully_shard
+    if parallelism == "zero3":
+        import deepspeed
 
-        for layer in model.model.layers:
-            fully_shard(layer)
-        trained = fully_shard(model)
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, fused=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        trained, optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ZERO3)
+        backward, step_optimizer = trained.backward, trained.step
+    else:
+        if parallelism == "ddp":
+            trained = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            trained = fully_shard(model)
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, fused=True)
+
+        def backward(loss: torch.Tensor) -> None:
+            loss.backward()
+
+        def step_optimizer() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     generator = torch.Generator(device="cuda").manual_seed(1)
     steps = WARMUP + TIMED
     tokens = torch.randint(
@@ -71,9 +95,8 @@ def _worker(parallelism: str, out: Path) -> None:
         start = time.perf_counter()
         batch = tokens[step, rank]
         loss = trained(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        backward(loss)
+        step_optimizer()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
         mean_loss = loss.detach().clone()
