@@ -131,6 +131,11 @@ def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
         dist.all_reduce(mean, op=dist.ReduceOp.SUM)
         losses.append(mean.item() / dist.get_world_size())
     result["losses"] = losses
+    if setup.startswith("zero3"):  # an evaluation forward
+        with torch.no_grad():
+            evaluated = trained(input_ids=tokens[rank], labels=tokens[rank])
+        result["eval_loss"] = evaluated.loss.item()
+        result["eval_logits_sum"] = evaluated.logits.float().sum().item()
     if patched:
         after = _flce_routing()
         result["fused"] = after["fused"] - before["fused"]

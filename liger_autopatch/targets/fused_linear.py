@@ -155,7 +155,7 @@ class _Zero3LmHead:
     saves of the weight keeps the gathered values, as when lm_head runs.) DeepSpeed's
     optimizer writes the partitions through ``.data``, which leaves no version counter
     changed: logits left uncomputed can be computed until the fused loss's backward
-    starts."""
+    starts, and a forward without gradients (nothing to mark it) is not deferred."""
 
     module: torch.nn.Module
     params: tuple[Tensor, ...]
@@ -723,6 +723,11 @@ def _defer_lm_head(model: torch.nn.Module, target: str) -> list[torch.utils.hook
             _count(target, fused=False, reason=reason)
             return []
         if hasattr(lm_head.weight, "ds_id"):
+            if not torch.is_grad_enabled():
+                # No backward will mark the logits stale (see _Zero3LmHead), and DeepSpeed's
+                # optimizer moves no version counter: computed now, they cannot be stale.
+                _count(target, fused=False, reason="DeepSpeed ZeRO-3 without gradients (evaluation)")
+                return []
             # DeepSpeed ZeRO-3 replaces torch.nn.functional.linear with an autograd function
             # of its own (its memory-efficient linear), so F.linear on a deferred input is
             # never seen: lm_head's forward itself is deferred for this call.
