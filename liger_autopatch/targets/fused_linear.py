@@ -151,8 +151,9 @@ class _FsdpUnit:
 class _Zero3LmHead:
     """An lm_head whose parameters DeepSpeed ZeRO-3 partitions. DeepSpeed's module hooks
     gather them for lm_head's forward and release them when it returns, before the loss.
-    (Logits computed from them later need no gather for their backward: what autograd
-    saves of the weight keeps the gathered values, as when lm_head runs.) DeepSpeed's
+    (Logits computed from them later train to unpatched losses with no gather for their
+    backward, tests/test_distributed.py: what autograd saves of the weight is a view that
+    keeps the gathered storage alive, as when lm_head runs.) DeepSpeed's
     optimizer writes the partitions through ``.data``, which leaves no version counter
     changed: logits left uncomputed can be computed until the fused loss's backward
     starts, and a forward without gradients (nothing to mark it) is not deferred."""
