@@ -131,17 +131,26 @@ def _train(setup: str, tokens: torch.Tensor, patched: bool) -> dict[str, Any]:
         dist.all_reduce(mean, op=dist.ReduceOp.SUM)
         losses.append(mean.item() / dist.get_world_size())
     result["losses"] = losses
+    if patched:
+        result.update(_routing_since(before))
     if setup.startswith("zero3"):  # an evaluation forward
+        before_eval = _flce_routing() if patched else None
         with torch.no_grad():
             evaluated = trained(input_ids=tokens[rank], labels=tokens[rank])
         result["eval_loss"] = evaluated.loss.item()
         result["eval_logits_sum"] = evaluated.logits.float().sum().item()
-    if patched:
-        after = _flce_routing()
-        result["fused"] = after["fused"] - before["fused"]
-        result["fell_back"] = after["fell_back"] - before["fell_back"]
-        result["last_reason"] = after["last_reason"]
+        if patched:
+            result["eval_routing"] = _routing_since(before_eval)
     return result
+
+
+def _routing_since(before: dict[str, Any]) -> dict[str, Any]:
+    after = _flce_routing()
+    return {
+        "fused": after["fused"] - before["fused"],
+        "fell_back": after["fell_back"] - before["fell_back"],
+        "last_reason": after["last_reason"],
+    }
 
 
 def main(out: str, setups: tuple[str, ...], device_type: str) -> None:
