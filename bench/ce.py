@@ -1,12 +1,18 @@
 """Cross-entropy forward + backward on one GPU, side by side with the peers.
 
-    python bench/ce.py [--sweep] [--vocab 65024,151936] [--out bench/results]
+    python bench/ce.py [--sweep] [--vocab 65024,151936] [--rounds 3] [--out bench/results]
 
 Rows: N = 8192 tokens, V in {32000, 128256, 262144} (or the ``--vocab`` list), bf16 logits, 10% of labels ignored,
-grad_output 1 and 1/8. Columns: median ms (triton.testing.do_bench, forward + backward),
-peak memory beyond the inputs, and the ratio to the floor = 2*N*V*2 bytes (read the
-logits once, write the gradient once) over the device copy bandwidth measured in the
-same run. Implementations:
+grad_output 1 and 1/8. Columns: ms (forward + backward: the median over the rounds of
+triton.testing.do_bench's median), the GPU's busy time per call (kernels and copies, from
+torch.profiler: where ms is well above it, the row waited for the host), peak memory
+beyond the inputs, and the ratio of ms to the floor = 2*N*V*2 bytes (read the logits
+once, write the gradient once) over the device copy bandwidth measured in the same run.
+
+Each (V, grad_output) times its implementations ``--rounds`` times, each round in an
+order rotated by one: where the host bounds a row, its time depends on what ran just
+before it (bench/NOTES-ce.md, v32), and the rotation gives every implementation each
+place once. Implementations:
 
 * liger_autopatch, logits held by the caller (gradient into a fresh buffer);
 * liger_autopatch, logits a temporary nobody else holds (gradient may reuse its buffer);
@@ -25,6 +31,7 @@ import dataclasses
 import datetime
 import json
 import pathlib
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -121,18 +128,34 @@ def candidates(
     return runs
 
 
-def measure(fn: Callable[[], None], rep: int = 100) -> tuple[float, int]:
-    """(median ms, peak bytes allocated beyond what was allocated before)."""
+def measure(fn: Callable[[], None], rep: int = 100) -> float:
+    """Median ms of do_bench."""
     fn()  # compile / warm up, and let our call site settle on its gradient path
     fn()
     torch.cuda.synchronize()
-    ms = do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def peak_extra_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated by one call beyond what was allocated before it."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return ms, torch.cuda.max_memory_allocated() - base
+    return torch.cuda.max_memory_allocated() - base
+
+
+def gpu_busy_ms(fn: Callable[[], None], calls: int = 10) -> float:
+    """GPU time per call: the summed durations of the kernels, copies and fills it ran."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    device_events = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in device_events) / calls / 1e3
 
 
 def describe(node: object, in_place: bool) -> str:
@@ -173,7 +196,7 @@ def sweep(bandwidth: float) -> tuple[list[dict], dict[int, ce.LaunchConfig]]:
                 config if kernel_pass == "loss_and_gradient" else default(n_cols, device, kernel_pass)
             )
             try:
-                ms, _ = measure(run, rep=80)
+                ms = measure(run, rep=80)
             finally:
                 ce.launch_config = default
             results.append({"V": v, **dataclasses.asdict(config), "ms": ms, "x_floor": ms / floor_ms})
@@ -190,6 +213,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON")
     parser.add_argument("--vocab", help="comma-separated vocabulary sizes instead of the issue's three")
+    parser.add_argument("--rounds", type=int, default=3, help="timings per row, in rotated orders")
     args = parser.parse_args()
     vocabs = tuple(int(v) for v in args.vocab.split(",")) if args.vocab else VOCABS
 
@@ -210,25 +234,33 @@ def main() -> None:
         for g in GRAD_OUTPUTS:
             grad_output = torch.tensor(g, device="cuda")
             paths: dict[str, tuple] = {}
-            for name, fn in candidates(logits, target, grad_output, paths).items():
-                ms, extra = measure(fn)
-                path = describe(*paths[name]) if name in paths else ""
+            runs = candidates(logits, target, grad_output, paths)
+            names = list(runs)
+            timings: dict[str, list[float]] = {name: [] for name in names}
+            for round_index in range(args.rounds):
+                for name in names[round_index % len(names):] + names[: round_index % len(names)]:
+                    timings[name].append(measure(runs[name]))
+            for name in names:
+                ms = statistics.median(timings[name])
                 rows.append(
-                    {"V": v, "grad_output": g, "impl": name, "ms": ms, "extra_bytes": extra,
-                     "floor_ms": floor_ms, "x_floor": ms / floor_ms, "path": path}
+                    {"V": v, "grad_output": g, "impl": name, "ms": ms, "ms_rounds": timings[name],
+                     "gpu_ms": gpu_busy_ms(runs[name]), "extra_bytes": peak_extra_bytes(runs[name]),
+                     "floor_ms": floor_ms, "x_floor": ms / floor_ms,
+                     "path": describe(*paths[name]) if name in paths else ""}
                 )  # fmt: skip
-                del fn
+            del runs
             torch.cuda.empty_cache()
         del logits, target
         torch.cuda.empty_cache()
 
-    header = "| V | grad_output | implementation | ms | extra memory | x floor | path |"
+    header = "| V | grad_output | implementation | ms | rounds (ms) | GPU ms | extra memory | x floor | path |"
     print(f"\n{gpu}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, N = {N_TOKENS}, bf16, 10% ignored\n")
     print(header)
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['V']} | {r['grad_output']:g} | {r['impl']} | {r['ms']:.3f} | "
+            f"{' / '.join(f'{t:.3f}' for t in r['ms_rounds'])} | {r['gpu_ms']:.3f} | "
             f"{r['extra_bytes'] / 2**30:.2f} GiB | {r['x_floor']:.2f} | {r['path']} |"
         )
     for v in vocabs:
@@ -245,7 +277,8 @@ def main() -> None:
         for v in vocabs
     }
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "date": date,
-            "copy_bandwidth_bytes_per_s": bandwidth, "n_tokens": N_TOKENS, "launch_configs": configs}  # fmt: skip
+            "copy_bandwidth_bytes_per_s": bandwidth, "n_tokens": N_TOKENS, "rounds": args.rounds,
+            "launch_configs": configs}  # fmt: skip
     path.write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep_results}, indent=1))
     print(f"saved {path}")
 
