@@ -114,3 +114,27 @@ def test_launch_hooks_and_unchecked_triton_versions_take_tritons_launch(kernel, 
     for _ in range(2):
         _triton_launch.launch(kernel, (4,), 0, *kernel_args)
     assert len(kernel.compiles) == 4 and kernel.runs == []
+
+
+def test_keys_are_at_least_as_fine_as_tritons_specialization():
+    # Two arguments with the same property must get the same specialization from Triton
+    # (its own function, as its launcher calls it for a plain parameter): otherwise a
+    # kernel compiled for one would run for the other.
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    def triton_specialization(value):
+        return native_specialize_impl(BaseBackend, value, False, True, True)
+
+    def tensors():
+        for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.int32):
+            for offset in range(4):
+                yield buffer(offset, dtype)
+
+    integers = [0, 1, 2, 15, 16, 17, 32, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**32, -(2**31), -(2**31) - 1,
+                -(2**31) - 16, 2**63 - 16, 2**63 - 1, 2**63, 2**64 - 16]  # fmt: skip
+    for samples in (list(tensors()), integers, [0.5, -2.0, 1.0], [True, False], [None]):
+        for a in samples:
+            for b in samples:
+                if _triton_launch._property(a) == _triton_launch._property(b):
+                    assert triton_specialization(a) == triton_specialization(b), (a, b)
