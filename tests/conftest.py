@@ -25,9 +25,8 @@ def triton_path_stays_on():
 class _FailingLaunch:
     """A kernel whose launch raises, as Triton's does when it cannot build the kernel."""
 
-    def __init__(self, launches: list[str], name: str, error: Exception, params: tuple) -> None:
+    def __init__(self, launches: list[str], name: str, error: Exception) -> None:
         self.launches, self.name, self.error = launches, name, error
-        self.params = params  # the real kernel's (compiled, not interpreted): CUDA launches read them
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -53,7 +52,7 @@ def failing_kernel(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
         error = error or RuntimeError("PTXAS error: simulated\nptxas fatal: the rest of its output")
         kernels = ops._kernels()
         namespace = types.SimpleNamespace(**{k: getattr(kernels, k) for k in dir(kernels) if not k.startswith("__")})
-        setattr(namespace, name, _FailingLaunch(launches, name, error, getattr(getattr(kernels, name), "params", ())))
+        setattr(namespace, name, _FailingLaunch(launches, name, error))
         monkeypatch.setattr(ops, "_kernels", lambda: namespace)
         return launches
 

@@ -662,27 +662,6 @@ def test_gpu_logits_on_a_device_that_is_not_current():
 
 @gpu
 @needs_cuda
-def test_gpu_launches_reuse_a_compiled_kernel_only_for_its_specialization():
-    # Launches after the first call a kernel compiled for the same argument properties
-    # (ops/_triton_launch.py). Targets 16-byte aligned, then not, then again: the target
-    # check loads them in vectors where Triton was told they are aligned, so a kernel
-    # reused across the two would read misaligned vectors (a CUDA error) or wrong targets.
-    logits, target = make_case(512, 4096, torch.bfloat16, device="cuda", ignored=0.1)
-    padded = torch.empty(len(target) + 1, dtype=target.dtype, device="cuda")
-    for offset in (0, 1, 0, 1):
-        shifted = padded[offset : offset + len(target)]
-        shifted.copy_(target)
-        assert (shifted.data_ptr() % 16 == 0) == (offset == 0)
-        check(logits, shifted, grad_outputs=(1.0, 0.5))
-    bad = target.clone()
-    bad[7] = 4096
-    padded[1 : 1 + len(bad)].copy_(bad)
-    with pytest.raises(ValueError, match="target 4096 is outside"):
-        cross_entropy(logits, padded[1 : 1 + len(bad)])
-
-
-@gpu
-@needs_cuda
 def test_gpu_torch_compile_fullgraph():
     logits, target = make_case(512, 32000, torch.bfloat16, device="cuda")
 

@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from liger_autopatch import _registry
-from liger_autopatch.ops import _triton_launch
 
 __all__ = ["cross_entropy", "supports"]
 
@@ -316,8 +315,7 @@ def torch_cross_entropy(
 
 
 def _launch(t: Tensor, kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-    """``kernel[grid](*args, **kwargs)`` for ``t``'s device (on CUDA through
-    :mod:`._triton_launch`, which skips Triton's per-call argument binding).
+    """``kernel[grid](*args, **kwargs)`` for ``t``'s device.
 
     Triton launches on the current device's stream, so ``t``'s device is made current
     first where it is not (the logits of a model spread over GPUs need not be on the
@@ -328,13 +326,11 @@ def _launch(t: Tensor, kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs:
     about the kernels: it propagates as it is, and the path stays on.
     """
     try:
-        if not t.is_cuda:
-            kernel[grid](*args, **kwargs)
-        elif (index := t.get_device()) != torch.cuda.current_device():
-            with torch.cuda.device(index):
-                _triton_launch.launch(kernel, grid, index, args, kwargs)
+        if t.is_cuda and t.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                kernel[grid](*args, **kwargs)
         else:
-            _triton_launch.launch(kernel, grid, index, args, kwargs)
+            kernel[grid](*args, **kwargs)
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:
