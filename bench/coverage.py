@@ -57,23 +57,34 @@ SHRINK = {
 }  # fmt: skip
 
 
-def tiny_config(model_type: str) -> Any:
+# What a second attempt shrinks, for configs whose sizes depend on each other in ways the
+# first breaks (state-space heads, per-layer widths): depth, feed-forward widths, experts
+# and vocabulary; hidden sizes and heads stay as the default config has them.
+SHRINK_KEEPING_WIDTHS = {
+    name: small for name, small in SHRINK.items()
+    if any(part in name for part in ("layer", "intermediate", "ffn", "inner", "expert", "vocab"))
+    or name in ("moe_topk", "top_k")
+}  # fmt: skip
+
+
+def tiny_config(model_type: str, shrink: dict[str, int] = SHRINK) -> Any:
     """The default config of ``model_type``, shrunk; special token ids kept inside the vocabulary."""
     import transformers
 
     config = transformers.AutoConfig.for_model(model_type)
-    _shrink(config, seen=set())
+    _shrink(config, shrink, seen=set())
     return config
 
 
-def _shrink(config: Any, seen: set[int]) -> None:
+def _shrink(config: Any, shrink: dict[str, int], seen: set[int]) -> None:
     if id(config) in seen:
         return
     seen.add(id(config))
-    for name, small in SHRINK.items():
+    for name, small in shrink.items():
         try:  # some configs refuse some attributes (per-layer values, derived sizes)
-            value = getattr(config, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > small:
+            value = getattr(config, name, small)
+            # None: a size the default config leaves to the real checkpoints' configs.
+            if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > small):
                 setattr(config, name, small)
         except Exception:
             continue
@@ -86,12 +97,24 @@ def _shrink(config: Any, seen: set[int]) -> None:
         if name.endswith("token_id") and isinstance(value, int) and value >= VOCAB:
             setattr(config, name, VOCAB - 1 - len(name) % 8)
         if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config
-            _shrink(value, seen)
+            _shrink(value, shrink, seen)
+    if getattr(config, "is_decoder", True) is False:  # encoder-style configs with an LM head
+        config.is_decoder = True
     if hasattr(config, "attn_implementation") or hasattr(config, "_attn_implementation"):
         config._attn_implementation = "eager"
 
 
 def _check_one(model_type: str, class_name: str) -> dict[str, Any]:
+    result = _check_config(model_type, SHRINK)
+    if result["state"] != "not_built":
+        return result
+    second = _check_config(model_type, SHRINK_KEEPING_WIDTHS)
+    if second["state"] == "not_built":
+        return result  # the first attempt's error
+    return {**second, "detail": f"{second['detail']} (widths kept: {result['detail'][:120]})"}
+
+
+def _check_config(model_type: str, shrink: dict[str, int]) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -100,7 +123,7 @@ def _check_one(model_type: str, class_name: str) -> dict[str, Any]:
 
     try:
         torch.manual_seed(0)
-        config = tiny_config(model_type)
+        config = tiny_config(model_type, shrink)
         model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     except Exception as exc:
         return {"state": "not_built", "detail": f"build: {type(exc).__name__}: {exc}"[:300]}
