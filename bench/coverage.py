@@ -1,7 +1,8 @@
 """Which causal LMs of the installed transformers take the fused linear cross-entropy path.
 
 For every architecture in ``MODEL_FOR_CAUSAL_LM_MAPPING``: build a tiny random model from
-its default config (hidden size, layers, heads, experts and vocabulary shrunk), run one
+its default config (hidden size, layers, heads, experts and vocabulary shrunk; where that
+cannot be built or run, a second attempt keeps the hidden sizes and heads), run one
 forward + backward with labels through the patched model (family "flce") and one through
 the class's original forward (lm_head computes the logits; the ordinary loss path), and
 compare the loss and every parameter gradient. Each architecture ends up:
@@ -98,7 +99,7 @@ def _shrink(config: Any, shrink: dict[str, int], seen: set[int]) -> None:
             setattr(config, name, VOCAB - 1 - len(name) % 8)
         if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config
             _shrink(value, shrink, seen)
-    if getattr(config, "is_decoder", True) is False:  # encoder-style configs with an LM head
+    if getattr(config, "is_decoder", True) is False:  # an LM head needs a decoder (reformer's)
         config.is_decoder = True
     if hasattr(config, "attn_implementation") or hasattr(config, "_attn_implementation"):
         config._attn_implementation = "eager"
