@@ -111,6 +111,11 @@ def _storage_freed(tensors: tuple[Tensor, ...]) -> bool:
     return any(t.untyped_storage().size() == 0 and t.numel() > 0 for t in tensors)
 
 
+# What reading deferred logits must come before, for the error message: whatever changes
+# lm_head's weight (the optimizer step), or under ZeRO-3 the backward (_Zero3LmHead).
+_BEFORE_OPTIMIZER_STEP = "the optimizer step"
+
+
 @dataclass(frozen=True)
 class _FsdpUnit:
     """An lm_head that ``fully_shard`` made a unit of its own, seen before the forward:
@@ -122,8 +127,7 @@ class _FsdpUnit:
     params: tuple[Tensor, ...]
     versions: tuple[int, ...]
 
-    # What reading the logits must come before, for the error message.
-    deadline = "the optimizer step"
+    deadline = _BEFORE_OPTIMIZER_STEP
 
     @classmethod
     def before_forward(cls, module: torch.nn.Module) -> _FsdpUnit:
@@ -230,7 +234,7 @@ class _LinearSource:
         tensors = (self.hidden,) if self.regathered else self.tensors()
         changed = tuple(t._version for t in tensors) != self.versions[: len(tensors)]
         if self.sharded is None:
-            freed, deadline = _storage_freed(self.tensors()), "the optimizer step"
+            freed, deadline = _storage_freed(self.tensors()), _BEFORE_OPTIMIZER_STEP
         else:
             freed, deadline = self.sharded.released(self.tensors()), self.sharded.deadline
             changed |= self.sharded.changed()
