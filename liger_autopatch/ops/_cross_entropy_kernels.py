@@ -3,8 +3,11 @@
 Every kernel runs a persistent grid: program ``p`` handles rows ``p, p + P, p + 2P, ...``
 (P programs), so the grid size, not N, sets how many rows are in flight at once. That
 matters for the forward kernel that also writes the gradient: it reads each row twice
-(max/sum, then gradient), and the second read can come from L2 only while what the grid
-reads and writes in between fits there (on an H100 it partly does: bench/NOTES-ce.md).
+(max/sum, then gradient), and the second read stays on the chip only as far as the SM's
+L1 (about 248 KB beside the kernel's shared memory on an H200) still holds the row: 86%
+of a bf16 row at V = 128256, 45% at 262144. L2 serves next to none of it: between the
+two reads the whole grid reads and writes more than L2 holds (ncu counters on an H200,
+bench/NOTES-ce.md v34).
 
 Logits are transformed in the kernel: ``x = logit_scale * z`` then
 ``x = softcap * tanh(x / softcap)``; the gradient is taken with respect to ``z``.
@@ -293,7 +296,7 @@ def _row_gradient(
     input): one store per row instead of a comparison per element. Only the blocks that
     reach ``read_end``, and the first block of a realigned row, are masked. REVERSE walks
     the row from its end: the blocks read last by the max/sum pass are the likeliest to
-    still be in L2. PREFETCH: the row's first block is ``z_first``, loaded already.
+    still be in L1. PREFETCH: the row's first block is ``z_first``, loaded already.
     """
     full_end: tl.constexpr = N_COLS // BLOCK * BLOCK
     # Block 0 apart where it is loaded ahead or masked; full blocks up to full_end; masked
@@ -453,7 +456,7 @@ def _row_lanes(
     """The max/sum pass over one row (its span from _row_span), per lane: sums of
     exp2(x2 - shift), maxima of x2 and (with label smoothing) sums of x, reduced by
     _row_max_sum. With no barrier in the loop, a program keeps loads in flight back to
-    back. Loads stay in L2 for the gradient pass that reads the row again. PREFETCH: the
+    back. Loads stay in L1 for the gradient pass that reads the row again. PREFETCH: the
     row's first block is ``z_first``, loaded already. L2_PREFETCH: each block asks for the
     next one in L2 before it is loaded. Only the blocks that reach ``read_end``, and the
     first block of a realigned row, are masked."""
