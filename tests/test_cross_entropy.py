@@ -216,7 +216,7 @@ def test_realigned_rows_match_float64_reference(n, v, dtype, offset):
         (1, 300, torch.float32, {}),
         (9, 64, torch.float32, {"label_smoothing": 0.1}),  # one block exactly
         (8, 256, torch.bfloat16, {"label_smoothing": 0.1}),  # whole blocks only
-        (10, 130, torch.float16, {"reduction": "sum"}),
+        (10, 130, torch.bfloat16, {"reduction": "sum"}),  # (float16 makes its gradient in the backward)
         (7, 200, torch.bfloat16, {"softcap": 30.0, "logit_scale": 2.0, "num_items_in_batch": 9}),
     ],
 )
@@ -502,12 +502,76 @@ def test_call_site_predicts_grad_output():
 
 
 @interpreter_only
+def test_float16_gradient_is_made_at_the_real_loss_scale():
+    # A loss scale that halves (GradScaler backing off): the first scale overflows the
+    # float16 gradient, the second does not, in torch as here.
+    logits, target = make_case(1, 50, torch.float16, ignored=0.0)
+    for scale in (2.0**17, 2.0**16, 2.0**16):
+        leaf = logits.clone().requires_grad_()
+        loss = cross_entropy(leaf, target)
+        assert not loss.grad_fn.grad_in_forward
+        (loss * scale).backward()
+        expected_leaf = logits.clone().requires_grad_()
+        (F.cross_entropy(expected_leaf.float(), target) * scale).backward()
+        assert torch.equal(leaf.grad.isfinite(), expected_leaf.grad.isfinite()), scale
+        torch.testing.assert_close(leaf.grad, expected_leaf.grad, rtol=2e-3, atol=1e-3)
+
+
+@interpreter_only
+def test_second_backward_through_one_loss_raises_clearly():
+    logits, target = make_case(4, 100, torch.float32)
+    for reduction in ("mean", "none"):
+        loss = cross_entropy(logits.clone().requires_grad_(), target, reduction=reduction).sum()
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward"):
+            loss.backward()
+
+
+@interpreter_only
+def test_num_items_in_batch_as_a_one_element_tensor():
+    # Shape (1,) as torch's division gives it; both gradient paths read grad_output as one number.
+    logits, target = make_case(6, 70, torch.float32)
+    check(logits, target, grad_outputs=(1.0, 0.5, 0.5), num_items_in_batch=torch.tensor([7.0]))
+    with pytest.raises(ValueError, match="one number"):
+        cross_entropy(logits, target, num_items_in_batch=torch.tensor([7.0, 8.0]))
+
+
+@interpreter_only
+def test_label_smoothing_outside_zero_to_one_as_torch():
+    logits, target = make_case(4, 60, torch.float32)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(logits, target, label_smoothing=1.5)
+    torch.testing.assert_close(
+        cross_entropy(logits, target, label_smoothing=-0.5), F.cross_entropy(logits, target, label_smoothing=-0.5)
+    )
+
+
+@interpreter_only
+def test_ignored_rows_keep_a_zero_gradient_under_an_infinite_grad_output():
+    logits, target = make_case(6, 40, torch.float32, ignored=0.5)
+    for _ in range(2):  # the second call bakes in grad_output 1 and must rescale by inf
+        leaf = logits.clone().requires_grad_()
+        (cross_entropy(leaf, target) * float("inf")).backward()
+    ignored = target == -100
+    assert ignored.any() and torch.equal(leaf.grad[ignored], torch.zeros_like(leaf.grad[ignored]))
+
+
+@interpreter_only
 def test_no_grad_forward_only():
     logits, target = make_case(5, 150, torch.float32)
     with torch.no_grad():
         loss = cross_entropy(logits.requires_grad_(), target)
     torch.testing.assert_close(loss.double(), reference(logits, target).detach(), rtol=1e-5, atol=1e-6)
     assert loss.grad_fn is None
+
+
+@interpreter_only
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["gradient in the forward", "in the backward"])
+def test_second_derivative_raises_instead_of_being_zero(reduction):
+    logits, target = make_case(4, 100, torch.float32)
+    loss = cross_entropy(logits.requires_grad_(), target, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss, logits, create_graph=True)
 
 
 @interpreter_only

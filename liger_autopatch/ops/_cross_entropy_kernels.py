@@ -962,10 +962,12 @@ def correct_gradient_kernel(
                 ptrs = grad_start + pos * stride_grad_col
                 readable = _readable(pos, lead, read_end, CHUNK) if ALIGN_ROWS else pos < read_end
                 g = tl.load(ptrs, mask=readable, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                g = (g * factor).to(grad_ptr.dtype.element_ty)
+                # Zeros (ignored rows) stay zeros, as torch's, if grad_output is inf or NaN.
+                g = tl.where(g == 0.0, 0.0, g * factor).to(grad_ptr.dtype.element_ty)
                 tl.store(ptrs, g, mask=_stored(pos, store_start, store_end, ALIGN_ROWS), cache_modifier=".cs")
             if ALIGN_ROWS:
                 pos, mask = _edge_chunks(lead, store_start, store_end, N_COLS, CHUNK)
                 g = tl.load(grad_start + pos, mask=mask, other=0.0).to(tl.float32)
-                tl.store(grad_start + pos, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+                g = tl.where(g == 0.0, 0.0, g * factor)
+                tl.store(grad_start + pos, g.to(grad_ptr.dtype.element_ty), mask=mask)
             row += n_programs

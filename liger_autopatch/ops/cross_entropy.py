@@ -17,7 +17,8 @@ that calls :func:`cross_entropy`), from what the backwards of that site saw:
 * gradient in the backward: when the site's previous call found that ``grad_output``
   had just changed, the forward keeps one float per row (log-sum-exp) and the backward
   makes the gradient in one read + one write, already multiplied by ``grad_output``.
-  Per-row losses (``reduction="none"``) always take this path.
+  Per-row losses (``reduction="none"``) and float16 logits (whose range cannot absorb a
+  wrong prediction of a loss scale) always take this path.
 
 The backward never syncs; the forward syncs once, on a small status copy queued before
 the loss kernel (bad targets, the site's state), so the GPU does not wait for the host.
@@ -143,6 +144,11 @@ def cross_entropy(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if num_items_in_batch is not None and reduction == "none":
         raise ValueError("num_items_in_batch divides a summed loss; it cannot be used with reduction='none'")
+    if isinstance(num_items_in_batch, Tensor) and num_items_in_batch.numel() != 1:
+        raise ValueError(f"num_items_in_batch must be one number, got a tensor of shape {tuple(num_items_in_batch.shape)}")
+    if not label_smoothing <= 1.0:  # as torch; torch also takes a negative one as 0
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    label_smoothing = max(label_smoothing, 0.0)
     if not supports(input, target):
         return torch_cross_entropy(
             input, target, ignore_index, reduction, label_smoothing, num_items_in_batch, softcap, logit_scale
@@ -182,8 +188,11 @@ def _triton_cross_entropy(
         rows, _ = run_forward_kernel(input, target, options, denominator, None, grad=None, store_lse=False)
         loss = _reduce(rows, reduction, denominator)
     else:
-        # grad_output_steady is what the site's previous call read back.
-        grad_in_forward = reduction != "none" and site.grad_output_steady
+        # grad_output_steady is what the site's previous call read back. float16 cannot
+        # hold a gradient made at a prediction that turns out wrong (a loss scale that
+        # halves overflows it, one that grows loses its small values): made in the
+        # backward, at the real grad_output, it is rounded once, as torch's.
+        grad_in_forward = reduction != "none" and site.grad_output_steady and input.dtype != torch.float16
         in_place = grad_in_forward and only_our_reference and _unobservable(input)
         loss = _CrossEntropy.apply(
             input, target, denominator, check.prediction, reduction, options, site, grad_in_forward, in_place
@@ -702,6 +711,18 @@ def correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site
     )  # fmt: skip
 
 
+def refuse_second_derivative(op: str) -> None:
+    """Raise in a backward that autograd runs with ``create_graph=True``: the kernels make
+    gradients without a graph, so a second derivative through them would silently be
+    zero."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"liger_autopatch.{op}: its gradient is made by a Triton kernel and has no second "
+            "derivative (backward with create_graph=True); set LIGER_DISABLE=1 for code that "
+            "differentiates twice"
+        )
+
+
 def _float32(t: Tensor) -> Tensor:
     # .to() parses its arguments even when there is nothing to convert (1 us).
     return t if t.dtype == torch.float32 else t.to(torch.float32)
@@ -728,6 +749,7 @@ class _CrossEntropy(torch.autograd.Function):
         in_place: bool,
     ) -> Tensor:
         ctx.grad_in_forward = grad_in_forward
+        ctx.reduced = reduction != "none"
         ctx.site = site
         if grad_in_forward:
             grad = input if in_place else _fresh_gradient_buffer(input)
@@ -746,7 +768,16 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        refuse_second_derivative("cross_entropy")
         nones = (None,) * 8
+        if not hasattr(ctx, "grad") and not hasattr(ctx, "logits"):
+            raise RuntimeError(
+                "liger_autopatch.cross_entropy: a second backward through the same loss "
+                "(retain_graph=True) is not supported: its gradient was handed out by the "
+                "first; set LIGER_DISABLE=1 for code that needs it"
+            )
+        if ctx.reduced:
+            grad_output = grad_output.reshape(())  # (1,) where num_items_in_batch was
         if ctx.grad_in_forward:
             grad = ctx.grad
             del ctx.grad
@@ -760,7 +791,7 @@ class _CrossEntropy(torch.autograd.Function):
         # Two references here: `logits` and getrefcount's argument.
         in_place = sys.getrefcount(logits) <= 2 and _unobservable(logits)
         grad = logits if in_place else _fresh_gradient_buffer(logits)
-        site = ctx.site if grad_output.dim() == 0 else None
+        site = ctx.site if ctx.reduced else None
         run_backward_kernel(grad_output, logits, target, lse, ctx.options, denominator, site, grad)
         return (grad, *nones)
 

@@ -278,7 +278,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # 16-bit weights over several chunks: a float32 accumulator, rounded once (see the
         # module docstring). Where it would be needed, one chunk may use its memory instead.
         step = chunk_rows(hidden, weight, weight_grad=weight.requires_grad)
-        in_float32 = step < hidden.shape[0] and _float32_accumulator_bytes(weight, weight.requires_grad) > 0
+        # float16 keeps it in float32 until the backward, which scales it by grad_output
+        # before rounding: made at a predicted loss scale that turns out twice too large,
+        # a float16 weight gradient could overflow where torch's does not.
+        in_float32 = (step < hidden.shape[0] or weight.dtype == torch.float16) and _float32_accumulator_bytes(
+            weight, weight.requires_grad
+        ) > 0
         accumulator_dtype = torch.float32 if in_float32 else weight.dtype
         grad_weight = weight.new_empty(weight.shape, dtype=accumulator_dtype) if weight.requires_grad else None
         want_bias = bias is not None and bias.requires_grad
@@ -286,16 +291,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         loss = _chunks(
             hidden, weight, bias, target, step, denominator, options, prediction, (grad_hidden, grad_weight, grad_bias)
         )
+        keep_float32 = weight.dtype == torch.float16
         ctx.grads = (
             grad_hidden,
-            grad_weight.to(weight.dtype) if grad_weight is not None else None,
-            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            grad_weight.to(weight.dtype) if grad_weight is not None and not keep_float32 else grad_weight,
+            grad_bias.to(bias.dtype) if grad_bias is not None and not keep_float32 else grad_bias,
         )
+        ctx.dtype = weight.dtype
         ctx.prediction, ctx.site = prediction, site
         return loss
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple:  # type: ignore[override]
+        ce.refuse_second_derivative("fused_linear_cross_entropy")
         grads = getattr(ctx, "grads", None)
         if grads is None:
             raise RuntimeError(
@@ -308,4 +316,5 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 # In place, on the device: nothing happens when the prediction was right.
                 ce.correct_gradient(grad.view(-1, grad.shape[-1]), grad_output, ctx.prediction, ctx.site)
+        grads = tuple(grad.to(ctx.dtype) if grad is not None else None for grad in grads)
         return (*grads, None, None, None, None, None)
