@@ -10,6 +10,7 @@ size is made small so that every case spans several chunks.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -177,6 +178,34 @@ def test_op_second_backward_raises_clearly() -> None:
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+def test_op_has_no_second_derivative() -> None:
+    hidden, weight, _, target = _inputs()
+    loss = fused_linear_cross_entropy(hidden, weight, target)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss, weight, create_graph=True)
+
+
+def test_op_float16_weight_gradient_at_a_loss_scale_that_halves() -> None:
+    # GradScaler backing off: at the first scale the weight gradient overflows float16, at
+    # the second it does not, in torch as here (though the forward predicts the first).
+    hidden, weight, _, target = _inputs(n_rows=8, dtype=torch.float16)
+    hidden = (hidden.detach() * 8).requires_grad_()  # largest weight gradient 4.5
+    overflowed = []
+    for scale in (2.0**14, 2.0**13):
+        weight.grad = None
+        (fused_linear_cross_entropy(hidden, weight, target) * scale).backward()
+        expected_weight = weight.detach().clone().requires_grad_()
+        logits = F.linear(hidden.detach(), expected_weight).float()
+        (F.cross_entropy(logits, target) * scale).backward()
+        finite = expected_weight.grad.isfinite()
+        assert torch.equal(weight.grad.isfinite(), finite), scale
+        torch.testing.assert_close(
+            weight.grad[finite], expected_weight.grad[finite], rtol=4e-3, atol=1.0
+        )
+        overflowed.append(not finite.all())
+    assert overflowed == [True, False]
 
 
 def test_op_all_ignored() -> None:
@@ -636,13 +665,26 @@ def test_logits_detached_after_a_fused_loss_stay_uncomputed_until_read() -> None
     _close(values, expected.detach(), "detached logits")
 
 
+class _Fsdp2LikeState:
+    """Stands for FSDP2's state, whose method is the hook it registers on outputs."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def pre_backward(self, grad: torch.Tensor) -> None:
+        self.seen.append(tuple(grad.shape))
+
+
+_Fsdp2LikeState.pre_backward.__module__ = "torch.distributed.fsdp._fully_shard._fsdp_state"
+
+
 def _hook_outputs_like_fsdp2(model: torch.nn.Module, seen: list) -> None:
     """What FSDP2's post-forward does to a unit's outputs: look at ``_base`` and register
-    a gradient hook on each one that requires grad."""
+    a method of its state as gradient hook on each one that requires grad."""
 
     def post_forward(module, args, output):
         assert output._base is None
-        output.register_hook(lambda grad: seen.append(tuple(grad.shape)))
+        output.register_hook(_Fsdp2LikeState(seen).pre_backward)
 
     model.lm_head.register_forward_hook(post_forward)
 
@@ -670,6 +712,70 @@ def test_gradient_hooks_on_lm_heads_output_fire_where_the_logits_are_made() -> N
     assert seen == [(*_batch()[0].shape, VOCAB)]
 
 
+def test_a_users_gradient_hook_on_the_logits_keeps_the_loss_unfused() -> None:
+    model = _model("llama")
+    seen: list = []
+
+    def hook_the_logits(module, args, output):
+        output.register_hook(seen.append)
+
+    model.lm_head.register_forward_hook(hook_the_logits)
+    input_ids, labels = _batch()
+    fused_out, fused_grads = _loss_and_grads(
+        model, type(model).__call__, input_ids=input_ids, labels=labels
+    )
+    assert "gradient hook" in fused_linear.routing()["flce.LlamaForCausalLM"].last_reason
+    (hooked,) = seen
+    seen.clear()
+    original_out, original_grads = _loss_and_grads(
+        model, original_of(type(model).forward), input_ids=input_ids, labels=labels
+    )
+    _close(hooked, seen[0], "gradient the hook saw")
+    _close(fused_out.loss.detach(), original_out.loss.detach(), "loss")
+    for name, grad in fused_grads.items():
+        _close(grad, original_grads[name], f"grad of {name}")
+
+
+def test_hooks_and_retain_grad_on_logits_of_a_fused_loss_say_the_opt_out() -> None:
+    model = _model("llama")
+    outputs = model(input_ids=_batch()[0], labels=_batch()[1])
+    assert outputs.logits._source.loss_fused
+    with pytest.warns(UserWarning, match="LIGER_DISABLE=flce"):
+        outputs.logits.register_hook(lambda grad: None)
+    with pytest.raises(RuntimeError, match="LIGER_DISABLE=flce"):
+        outputs.logits.retain_grad()
+    # An engine's own hooks (FSDP2 and DeepSpeed hook the whole model's outputs): quietly.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs.logits.register_hook(_Fsdp2LikeState([]).pre_backward)
+
+
+def test_logits_read_later_keep_the_grad_mode_of_the_forward() -> None:
+    model = _model("llama")
+    input_ids, labels = _batch()
+    with torch.no_grad():
+        evaluated = model(input_ids=input_ids, labels=labels)
+    assert not evaluated.logits.float().requires_grad  # read with grad on, made without
+    trained = model(input_ids=input_ids, labels=labels)
+    with torch.no_grad():
+        logits = trained.logits.float()  # read under no_grad, made with grad
+    assert logits.requires_grad
+    logits.logsumexp(-1).square().mean().backward()  # a z-loss on them reaches lm_head
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_forward_with_labels_under_inference_mode_is_transformers_own() -> None:
+    model = _model("llama").eval()
+    input_ids, labels = _batch()
+    with torch.inference_mode():
+        outputs = model(input_ids=input_ids, labels=labels)
+        expected = original_of(type(model).forward)(model, input_ids=input_ids, labels=labels)
+    assert type(outputs.logits) is torch.Tensor
+    assert "inference mode" in fused_linear.routing()["flce.LlamaForCausalLM"].last_reason
+    _close(outputs.loss, expected.loss, "loss")
+    _close(outputs.logits, expected.logits, "logits")
+
+
 def test_adapted_lm_head_falls_back() -> None:
     class AdaptedLinear(torch.nn.Linear):
         pass
@@ -683,11 +789,20 @@ def test_adapted_lm_head_falls_back() -> None:
     assert "AdaptedLinear" in fused_linear.routing()["flce.LlamaForCausalLM"].last_reason
 
 
-def test_logits_after_an_optimizer_step_raise_with_the_opt_out() -> None:
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda params: torch.optim.SGD(params, lr=0.1),
+        # Fused kernels write the weights without moving their version counters.
+        lambda params: torch.optim.AdamW(params, lr=0.1, fused=True),
+    ],
+    ids=["sgd", "fused_adamw"],
+)
+def test_logits_after_an_optimizer_step_raise_with_the_opt_out(optimizer) -> None:
     model = _model("llama")
     outputs = model(input_ids=_batch()[0], labels=_batch()[1])
     outputs.loss.backward()
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    optimizer(model.parameters()).step()
     with pytest.raises(RuntimeError, match="LIGER_DISABLE=flce"):
         outputs.logits.sum()
 

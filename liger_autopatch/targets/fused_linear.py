@@ -43,6 +43,7 @@ import functools
 import inspect
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -51,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._pytree import tree_map_only
 
 from liger_autopatch._registry import (
@@ -68,6 +70,11 @@ from liger_autopatch.targets._dispatch import is_liger_kernel
 FAMILY = "flce"
 
 OPT_OUT = "set LIGER_DISABLE=flce to have the logits computed in the forward"
+
+_NO_GRADIENT_THROUGH_LOGITS = (
+    "liger_autopatch: the loss was computed from lm_head's input and weight (fused linear "
+    f"cross-entropy), so no gradient flows through outputs.logits; {OPT_OUT}."
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,6 +121,28 @@ def _storage_freed(tensors: tuple[Tensor, ...]) -> bool:
 # What reading deferred logits must come before, for the error message: whatever changes
 # lm_head's weight (the optimizer step), or under ZeRO-3 the backward (_Zero3LmHead).
 _BEFORE_OPTIMIZER_STEP = "the optimizer step"
+
+
+class _OptimizerSteps:
+    """Steps of any ``torch.optim.Optimizer`` in this process, counted from the first
+    deferred logits on. Fused optimizers (``AdamW(fused=True)``, the Trainer's default
+    on recent torch) and writes through ``.data`` update weights without moving their
+    version counters, so the counters alone cannot tell logits that are stale. The count
+    is torch's global step pre-hook, registered once: it changes nothing but the count."""
+
+    count = 0
+    _handle: torch.utils.hooks.RemovableHandle | None = None
+
+    @classmethod
+    def watched(cls) -> int:
+        """Start counting (once); the count so far."""
+        if cls._handle is None:
+            cls._handle = register_optimizer_step_pre_hook(cls._counted)
+        return cls.count
+
+    @classmethod
+    def _counted(cls, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        cls.count += 1
 
 
 @dataclass(frozen=True)
@@ -206,6 +235,7 @@ class _LinearSource:
     target: str
     versions: tuple[int, ...]
     n_vocab: int  # lm_head's outputs (an engine may release the weight after the call)
+    optimizer_steps: int  # _OptimizerSteps.count at the forward
     sharded: _FsdpUnit | _Zero3LmHead | None = None
     loss_fused: bool = False
     regathered: bool = False
@@ -233,6 +263,7 @@ class _LinearSource:
         # optimizer step changes then is the sharded parameters.
         tensors = (self.hidden,) if self.regathered else self.tensors()
         changed = tuple(t._version for t in tensors) != self.versions[: len(tensors)]
+        changed |= _OptimizerSteps.count != self.optimizer_steps
         if self.sharded is None:
             freed, deadline = _storage_freed(self.tensors()), _BEFORE_OPTIMIZER_STEP
         else:
@@ -344,11 +375,13 @@ class DeferredLogits(torch.Tensor):
         dtype: torch.dtype,
         rows_only: bool = False,
         detached: bool = False,
+        requires_grad: bool | None = None,
     ) -> DeferredLogits:
+        """``requires_grad``: None to take it from the grad mode now and the inputs."""
         hidden, n_vocab = source.hidden, source.n_vocab
-        requires_grad = (
-            not detached and torch.is_grad_enabled() and any(t.requires_grad for t in source.tensors())
-        )
+        if requires_grad is None:
+            requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in source.tensors())
+        requires_grad = requires_grad and not detached
         self = torch.Tensor._make_wrapper_subclass(
             cls,
             (hidden.numel() // hidden.shape[-1], n_vocab)
@@ -374,7 +407,9 @@ class DeferredLogits(torch.Tensor):
         """
         if self._materialized is None:
             source = self._source
-            with source.gathered(), torch.set_grad_enabled(torch.is_grad_enabled() and not self._detached):
+            # Autograd as the forward had it (requires_grad was fixed then), whatever the
+            # grad mode of the code reading them.
+            with source.gathered(), torch.set_grad_enabled(self.requires_grad):
                 source.check_unchanged()
                 with torch.autocast(source.hidden.device.type, enabled=False):
                     logits = F.linear(source.hidden, source.weight, source.bias)
@@ -391,7 +426,12 @@ class DeferredLogits(torch.Tensor):
     ) -> torch.utils.hooks.RemovableHandle:
         """``register_hook`` without computing the logits: the hook goes on the real
         logits if they are ever made (a fused loss sends no gradient through them).
-        FSDP2 registers one on every output of a unit that requires grad."""
+        FSDP2 registers one on every output of a unit that requires grad, DeepSpeed on
+        the model's outputs. Anyone else's hook keeps the loss from being fused; once it
+        was, such a hook will never run, which a warning says (raising could stop an
+        engine we do not know)."""
+        if self._source.loss_fused and not _is_engine_hook(hook):
+            warnings.warn(_NO_GRADIENT_THROUGH_LOGITS + " A gradient hook on them will not run.", stacklevel=3)
         if self._materialized is not None:
             return self._materialized.register_hook(hook)
         if not self.requires_grad:
@@ -399,6 +439,12 @@ class DeferredLogits(torch.Tensor):
         handle = torch.utils.hooks.RemovableHandle(self._hooks)
         self._hooks[handle.id] = hook
         return handle
+
+    def _check_gradient_reaches(self) -> None:
+        """Raise where the loss was fused: no gradient flows through these logits, so
+        ``retain_grad`` would leave ``.grad`` None where torch fills it."""
+        if self._source.loss_fused:
+            raise RuntimeError(_NO_GRADIENT_THROUGH_LOGITS)
 
     def fused_transforms(self) -> tuple[float | None, float | None] | str:
         """``(logit_scale, softcap)`` that reproduce the recorded steps in the fused op, or
@@ -440,7 +486,10 @@ class DeferredLogits(torch.Tensor):
             return step.replay(self._materialized)
         dtype = torch.float32 if step.kind == "upcast" else self.dtype
         rows_only = self._rows_only or step.kind == "rows"
-        return DeferredLogits(self._source, (*self._steps, step), dtype, rows_only, self._detached)
+        # As the forward made them, whatever the grad mode of this step.
+        return DeferredLogits(
+            self._source, (*self._steps, step), dtype, rows_only, self._detached, self.requires_grad
+        )
 
     def _materialize_for(self, func: Callable[..., Any]) -> Tensor:
         source = self._source
@@ -461,6 +510,8 @@ class DeferredLogits(torch.Tensor):
                 return func(*args, **kwargs)
         if func is torch.Tensor.register_hook and len(args) == 2 and not kwargs:
             return args[0]._register_hook(args[1])
+        if func is torch.Tensor.retain_grad:
+            args[0]._check_gradient_reaches()
         if func is torch.Tensor.detach and len(args) == 1 and not kwargs:
             detached = args[0]._detach()
             if detached is not None:
@@ -483,6 +534,14 @@ class DeferredLogits(torch.Tensor):
         return func(*args, **kwargs)
 
 
+def _is_engine_hook(hook: Callable[..., Any]) -> bool:
+    """Whether a gradient hook on the logits is a training engine's own: FSDP2 registers a
+    method of its state on every output of a unit, DeepSpeed a closure on every output of
+    the model. They need no gradient through the logits (the loss's reaches their
+    modules); anyone else's hook does."""
+    return (getattr(hook, "__module__", None) or "").startswith(("torch.distributed.", "deepspeed."))
+
+
 class _DeferredHidden(torch.Tensor):
     """lm_head's input inside a wrapped forward: ``F.linear`` on it is deferred."""
 
@@ -502,9 +561,11 @@ class _DeferredHidden(torch.Tensor):
             and len(args) in (2, 3)
             and isinstance(args[0], _DeferredHidden)
         ):
-            deferred = _defer_linear(
-                *plain_args, target=args[0]._target, sharded=args[0]._sharded
-            )
+            try:
+                deferred = _defer_linear(*plain_args, target=args[0]._target, sharded=args[0]._sharded)
+            except Exception as exc:  # lm_head then computes its logits as it would
+                record_failure(args[0]._target, FAMILY, exc)
+                deferred = None
             if deferred is not None:
                 return deferred
         return func(*plain_args, **plain_kwargs)
@@ -527,9 +588,11 @@ def _defer_linear(
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         return None  # F.linear itself raises on this
     tensors = tuple(t for t in (hidden, weight, bias) if t is not None)
+    if any(t.is_inference() for t in tensors):
+        return None  # no version counters to tell later whether the logits are stale
     source = _LinearSource(
-        hidden, weight, bias, target, tuple(t._version for t in tensors), weight.shape[0], sharded,
-        in_lm_head_call=isinstance(sharded, _Zero3LmHead),
+        hidden, weight, bias, target, tuple(t._version for t in tensors), weight.shape[0],
+        _OptimizerSteps.watched(), sharded, in_lm_head_call=isinstance(sharded, _Zero3LmHead),
     )
     return DeferredLogits(source, (), hidden.dtype)
 
@@ -623,6 +686,8 @@ def _fused_or_reason(
     num_items_in_batch: int | Tensor | None,
 ) -> Tensor | str:
     source = logits._source
+    if not all(_is_engine_hook(hook) for hook in logits._hooks.values()):
+        return "a gradient hook is registered on the logits"
     transforms = logits.fused_transforms()
     if isinstance(transforms, str):
         return transforms
@@ -724,6 +789,8 @@ def _defer_lm_head(model: torch.nn.Module, target: str) -> list[torch.utils.hook
     try:
         lm_head = model.get_output_embeddings()
         reason = _cannot_defer(model, lm_head)
+        if not reason and torch.is_inference_mode_enabled():
+            reason = "inference mode (its tensors have no version counters to check the logits by)"
         if reason:
             _count(target, fused=False, reason=reason)
             return []
