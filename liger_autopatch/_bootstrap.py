@@ -111,12 +111,15 @@ def install() -> None:
         return
     if installed_finder() is None:
         sys.meta_path.insert(0, AutopatchFinder())
-    already_imported = [name for name in list(sys.modules) if is_target_module(name)]
+    # None in sys.modules blocks a module's import: nothing to patch there.
+    already_imported = [
+        module for name, module in list(sys.modules.items()) if is_target_module(name) and module is not None
+    ]
     if already_imported:
         from liger_autopatch import _hooks
 
-        for name in already_imported:
-            _hooks.patch_module(sys.modules[name])
+        for module in already_imported:
+            _hooks.patch_module(module)
 
 
 def boot() -> None:

@@ -204,9 +204,14 @@ def status() -> list[TargetStatus]:
     liger_autopatch; the original stays) and ``disabled`` (by ``LIGER_DISABLE`` or
     :func:`unpatch`). Failures of the bootstrap itself appear as target ``bootstrap``.
     """
+    imported = [name for name, module in list(sys.modules.items()) if module is not None]
     for family in FAMILIES:
         for target in family.declared:
             declare(target, family.name, f"waiting for transformers to import {family.summary}")
+            with _lock:
+                # Still pending though its module is imported: the import hook failed.
+                if _records[target].state == "pending" and any(map(family.matches, imported)):
+                    _record(target, family.name, "failed", "imported but not patched: see the bootstrap errors")
     with _lock:
         rows = list(_records.values())
     rows += [TargetStatus("bootstrap", "bootstrap", "failed", error) for error in _bootstrap.errors]

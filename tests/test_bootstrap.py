@@ -42,9 +42,34 @@ def test_startup_files_installed_next_to_the_package():
     }))
     """
     assert run_python(code) == {
-        "pth": "import liger_autopatch._bootstrap as _liger_autopatch_bootstrap; _liger_autopatch_bootstrap.boot()",
+        "pth": 'import sys; exec("try:\\n from liger_autopatch._bootstrap import boot\\nexcept ImportError:\\n'
+        ' pass\\nelse:\\n boot()")',
         "start": "liger_autopatch._bootstrap:boot",
     }
+
+
+def test_a_leftover_pth_without_the_package_stays_quiet(tmp_path):
+    # An editable install whose checkout moved, a half-removed package: no traceback in
+    # every process. (-S: this environment's own site-packages, which has the package, is
+    # not on the path.)
+    (tmp_path / "liger_autopatch.pth").write_text((REPO / "liger_autopatch.pth").read_text())
+    code = f"import site, sys; site.addsitedir({str(tmp_path)!r}); print('liger_autopatch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "False\n", "")
+
+
+def test_install_skips_modules_whose_import_is_blocked():
+    # None in sys.modules blocks an import; install() must still patch the rest.
+    code = """
+    import json, os, sys
+    import transformers.loss.loss_utils as lu
+    sys.modules["transformers.models.fake.modeling_fake"] = None
+    del os.environ["LIGER_DISABLE"]
+    import liger_autopatch
+    liger_autopatch.install()
+    print(json.dumps(hasattr(lu.fixed_cross_entropy, "__liger_autopatch_original__")))
+    """
+    assert run_python(code, env={"LIGER_DISABLE": "1"}) is True
 
 
 def test_a_program_that_never_imports_us_is_patched():
@@ -225,6 +250,15 @@ def test_missing_wrapt_never_breaks_import(tmp_path):
     report = run_python(code, env={"PYTHONPATH": str(tmp_path)})
     assert report["original"]
     assert any("wrapt is broken" in error for error in report["errors"]), report
+    # status says the imported targets failed, not that they wait for their module.
+    status_code = """
+    import json
+    import transformers.loss.loss_utils
+    from liger_autopatch import _registry
+    print(json.dumps({row.target: row.state for row in _registry.status()}))
+    """
+    states = run_python(status_code, env={"PYTHONPATH": str(tmp_path)})
+    assert states["loss_utils.ForCausalLMLoss"] == "failed", states
 
 
 def test_unsupported_transformers_is_skipped_with_a_reason(tmp_path):
