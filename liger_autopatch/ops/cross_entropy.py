@@ -135,6 +135,9 @@ def cross_entropy(
     traces or a CUDA graph is captured nothing is read back and such a row's loss is NaN
     instead). The gradient (in the logits' dtype) overwrites ``input`` only if nothing else
     can observe it: passed as a temporary, not a view, not a leaf, no other reference.
+    Where the gradient is made in the backward (see the module docstring), ``input``
+    modified in place between forward and backward raises there (torch keeps its own
+    copy of the softmax instead); so does a second derivative, or a second backward.
     Under torch.compile the call is the ``liger_autopatch::cross_entropy_rows`` custom
     op. Elsewhere the result is exactly torch's, dtype included. A call whose kernel fails
     to build or launch gets torch's result on the logits in float32 (as transformers
