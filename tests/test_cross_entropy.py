@@ -320,6 +320,8 @@ def test_bad_target_raises_naming_it(bad):
     target[3] = bad
     with pytest.raises(ValueError, match=rf"target {bad} is outside \[0, 100\)"):
         cross_entropy(logits.requires_grad_(), target)
+    with pytest.raises(IndexError):  # what torch raises, for code that catches it
+        cross_entropy(logits, target)
 
 
 @interpreter_only

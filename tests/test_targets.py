@@ -388,6 +388,56 @@ def test_loss_dtypes_follow_the_originals(
 
 
 @needs_loss_utils
+def test_loss_dtypes_under_autocast_and_with_a_float_item_count(
+    unpatched: types.ModuleType, kernel_calls: list[int]
+) -> None:
+    # torch's cross_entropy runs in float32 under autocast; dividing a bf16 loss by a
+    # float32 item count (what the Trainer passes) promotes it to float32.
+    logits, labels = _causal_batch(torch.bfloat16)
+    rows, row_labels = logits.view(-1, 37).to(DEVICE), labels.view(-1).to(DEVICE)
+    calls = [
+        (loss_utils.fixed_cross_entropy, unpatched.fixed_cross_entropy, {"num_items_in_batch": torch.tensor(9.0)}),
+        (loss_utils.fixed_cross_entropy, unpatched.fixed_cross_entropy, {"num_items_in_batch": 9}),
+        (AutopatchCrossEntropyLoss(), torch.nn.CrossEntropyLoss(), {}),
+    ]
+    for autocast in (False, True):
+        for patched, original, kwargs in calls:
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+                kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                actual, expected = patched(rows, row_labels, **kwargs), original(rows, row_labels, **kwargs)
+            assert actual.dtype == expected.dtype, (autocast, original, kwargs)
+            assert_close(actual.float(), expected.float(), rtol=1e-2)
+    assert kernel_calls[0] == 2 * len(calls)
+
+
+def test_cross_entropy_loss_instances_outlive_the_patch_as_torchs() -> None:
+    # Some models build theirs in __init__ (LXMERT): after unpatch() they run torch's
+    # forward, and they pickle and script as torch's class.
+    import copy
+    import pickle
+
+    instance = AutopatchCrossEntropyLoss(ignore_index=3, label_smoothing=0.1)
+    for restored in (pickle.loads(pickle.dumps(instance)), copy.deepcopy(instance)):
+        assert type(restored) is torch.nn.CrossEntropyLoss
+        assert (restored.ignore_index, restored.label_smoothing) == (3, 0.1)
+    logits, labels = torch.randn(5, 7), torch.randint(0, 7, (5,))
+    assert_close(torch.jit.script(instance)(logits, labels), torch.nn.CrossEntropyLoss(ignore_index=3, label_smoothing=0.1)(logits, labels))
+    code = """
+    import json, torch
+    from liger_autopatch import unpatch
+    from liger_autopatch.targets import _dispatch
+    from liger_autopatch.targets.model_modules import AutopatchCrossEntropyLoss
+    instance = AutopatchCrossEntropyLoss()
+    calls = []
+    _dispatch.cross_entropy = lambda *args, **kwargs: calls.append(1)
+    unpatch()
+    loss = instance(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]))
+    print(json.dumps([len(calls), loss.dtype == torch.float32]))
+    """
+    assert run_python(code, env={"TRITON_INTERPRET": "1"}) == [0, True]
+
+
+@needs_loss_utils
 def test_without_the_triton_path_the_originals_run(
     unpatched: types.ModuleType, monkeypatch: pytest.MonkeyPatch, kernel_calls: list[int]
 ) -> None:

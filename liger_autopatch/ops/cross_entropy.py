@@ -80,6 +80,11 @@ def unusable_reason(device: torch.device) -> str | None:
     return reason
 
 
+class TargetOutOfRange(ValueError, IndexError):
+    """A target outside [0, V) that is not ``ignore_index``. An ``IndexError`` too, which
+    is what torch raises for one."""
+
+
 class KernelFailure(RuntimeError):
     """A Triton kernel could not be built or launched; it did not run."""
 
@@ -130,10 +135,10 @@ def cross_entropy(
       kernel. It replaces "mean"/"sum" and cannot be combined with ``reduction="none"``.
 
     On the Triton path (see :func:`supports`) the loss is float32, accumulated in float32,
-    and a target outside [0, V) that is not ``ignore_index`` raises ``ValueError`` naming
-    it (one device-to-host sync per forward, none in the backward; while torch.compile
-    traces or a CUDA graph is captured nothing is read back and such a row's loss is NaN
-    instead). The gradient (in the logits' dtype) overwrites ``input`` only if nothing else
+    and a target outside [0, V) that is not ``ignore_index`` raises
+    :class:`TargetOutOfRange` (a ``ValueError`` and an ``IndexError``) naming it (one
+    device-to-host sync per forward, none in the backward; while torch.compile traces or
+    a CUDA graph is captured nothing is read back and such a row's loss is NaN instead). The gradient (in the logits' dtype) overwrites ``input`` only if nothing else
     can observe it: passed as a temporary, not a view, not a leaf, no other reference.
     Where the gradient is made in the backward (see the module docstring), ``input``
     modified in place between forward and backward raises there (torch keeps its own
@@ -604,7 +609,7 @@ def read_check(check: TargetCheck, input: Tensor, options: Options, site: CallSi
     if site is not None:
         site.grad_output_steady = not unsteady
     if bad_target != options.ignore_index:
-        raise ValueError(
+        raise TargetOutOfRange(
             f"cross_entropy: target {bad_target} is outside [0, {input.shape[1]}) "
             f"and is not ignore_index ({options.ignore_index})"
         )

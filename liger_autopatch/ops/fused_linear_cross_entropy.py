@@ -91,7 +91,7 @@ def fused_linear_cross_entropy(
     target is not ``ignore_index``; NaN when there are none, as torch) or "sum";
     ``num_items_in_batch`` (int or 0-d tensor) makes it the sum divided by that count, as
     transformers' ``fixed_cross_entropy`` does. A target outside [0, V) that is not
-    ``ignore_index`` raises ``ValueError``.
+    ``ignore_index`` raises ``ValueError`` (also an ``IndexError``, as torch's).
 
     No (N, V) tensor is allocated where the Triton cross-entropy runs; elsewhere this is
     the plain torch computation.

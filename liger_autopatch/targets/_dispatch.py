@@ -69,3 +69,14 @@ def kernel_loss(
         label_smoothing=label_smoothing,
         num_items_in_batch=num_items_in_batch,
     )
+
+
+def torch_loss_dtype(logits: torch.Tensor, num_items_in_batch: Any = None) -> torch.dtype:
+    """The dtype of the loss torch's ``cross_entropy`` gives for ``logits`` (then divided by
+    ``num_items_in_batch``, as transformers' ``fixed_cross_entropy`` does): float32 under
+    autocast, whose float32 list has ``cross_entropy``; otherwise the logits' dtype, as the
+    division by a tensor promotes it."""
+    dtype = torch.float32 if torch.is_autocast_enabled(logits.device.type) else logits.dtype
+    if isinstance(num_items_in_batch, torch.Tensor):
+        dtype = torch.result_type(torch.empty((), dtype=dtype), num_items_in_batch)
+    return dtype

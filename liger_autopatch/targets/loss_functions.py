@@ -32,6 +32,7 @@ from liger_autopatch.targets._dispatch import (
     kernel_loss,
     kernel_serves,
     liger_kernel_owns_cross_entropy,
+    torch_loss_dtype,
 )
 from liger_autopatch.targets.fused_linear import DeferredLogits, fused_causal_lm_loss
 
@@ -151,10 +152,8 @@ def _replace_fixed_cross_entropy(original: Callable[..., Any]) -> Callable[..., 
     def fixed_cross_entropy(source, target, num_items_in_batch=None, ignore_index=-100, **kwargs):
         if not kernel_serves(source, target, num_items_in_batch):
             return original(source, target, num_items_in_batch, ignore_index, **kwargs)
-        # The original returns the loss in the dtype of the logits it was given.
-        return kernel_loss(
-            source, target, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch
-        ).to(source.dtype)
+        loss = kernel_loss(source, target, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+        return loss.to(torch_loss_dtype(source, num_items_in_batch))
 
     return _keep_identity(fixed_cross_entropy, original)
 

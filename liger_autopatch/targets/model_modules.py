@@ -8,17 +8,22 @@ CrossEntropyLoss``; the patch rebinds that module global to
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import functools
 from types import ModuleType
+from typing import Any
 
 import torch
 
+from liger_autopatch import _bootstrap
 from liger_autopatch._registry import ORIGINAL_ATTR, TargetPatch, apply_target
 from liger_autopatch.targets._dispatch import (
     is_liger_kernel,
     kernel_loss,
     kernel_serves,
     liger_kernel_owns_cross_entropy,
+    torch_loss_dtype,
 )
 from liger_autopatch.targets.fused_linear import DeferredLogits, fused_cross_entropy_loss
 
@@ -29,8 +34,12 @@ class AutopatchCrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` that runs our kernel where it serves the call.
 
     Class-index targets on (N, C) inputs without class weights go to the kernel (the loss
-    comes back in the input's dtype, as torch returns it); class weights, probability
-    targets, N-d inputs and devices without the Triton path go to torch's own forward.
+    comes back in the dtype torch gives it); class weights, probability targets, N-d
+    inputs and devices without the Triton path go to torch's own forward, and so does
+    every call once :func:`liger_autopatch.unpatch` ran or ``LIGER_DISABLE`` names the
+    family (instances outlive the patch: some models build theirs in ``__init__``). It
+    pickles and scripts as ``torch.nn.CrossEntropyLoss``, so that a saved model loads
+    where this package is not installed.
     """
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -47,9 +56,9 @@ class AutopatchCrossEntropyLoss(torch.nn.CrossEntropyLoss):
                     label_smoothing=self.label_smoothing,
                 )
             if loss is not None:
-                return loss.to(input.dtype)
+                return loss.to(torch_loss_dtype(input))
             input = input.materialize()
-        if self.weight is None and kernel_serves(input, target):
+        if self.weight is None and _patching() and kernel_serves(input, target):
             loss = kernel_loss(
                 input,
                 target,
@@ -57,8 +66,21 @@ class AutopatchCrossEntropyLoss(torch.nn.CrossEntropyLoss):
                 reduction=self.reduction,
                 label_smoothing=self.label_smoothing,
             )
-            return loss.to(input.dtype)
+            return loss.to(torch_loss_dtype(input))
         return super().forward(input, target)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Rebuilt as torch's class: copyreg's generic reconstruction, then nn.Module's
+        # __setstate__ with this object's state.
+        return (copyreg._reconstructor, (torch.nn.CrossEntropyLoss, object, None), self.__getstate__())
+
+    def __prepare_scriptable__(self) -> torch.nn.CrossEntropyLoss:
+        return copy.copy(self)  # torch's class, by __reduce_ex__
+
+
+def _patching() -> bool:
+    """Whether this family is on: not after unpatch(), not named by LIGER_DISABLE."""
+    return _bootstrap.installed_finder() is not None and not (_bootstrap.disabled_names() & {"all", FAMILY})
 
 
 setattr(AutopatchCrossEntropyLoss, ORIGINAL_ATTR, torch.nn.CrossEntropyLoss)
