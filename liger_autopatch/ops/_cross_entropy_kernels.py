@@ -822,9 +822,10 @@ def cross_entropy_forward_kernel(
     WRITE_GRAD writes ``prediction / denominator * d loss_row / d z`` into grad (which
     may be the logits buffer itself: each block is read before it is written).
     """
-    # A realigned row starts up to one 128-byte line early: its first block must cover that.
+    # A realigned row starts up to one 128-byte line early: its first whole block must
+    # cover that (rows shorter than a block have only masked blocks).
     tl.static_assert(
-        not ALIGN_ROWS or BLOCK * logits_ptr.dtype.element_ty.primitive_bitwidth >= 1024,
+        not ALIGN_ROWS or BLOCK >= N_COLS or BLOCK * logits_ptr.dtype.element_ty.primitive_bitwidth >= 1024,
         "ALIGN_ROWS needs blocks of at least 128 bytes",
     )
     pid = tl.program_id(0)
@@ -899,9 +900,10 @@ def cross_entropy_backward_kernel(
     ``grad_output`` has stride 0 for a reduced loss; HAS_SITE records that (scalar)
     grad_output in the call site's state.
     """
-    # A realigned row starts up to one 128-byte line early: its first block must cover that.
+    # A realigned row starts up to one 128-byte line early: its first whole block must
+    # cover that (rows shorter than a block have only masked blocks).
     tl.static_assert(
-        not ALIGN_ROWS or BLOCK * logits_ptr.dtype.element_ty.primitive_bitwidth >= 1024,
+        not ALIGN_ROWS or BLOCK >= N_COLS or BLOCK * logits_ptr.dtype.element_ty.primitive_bitwidth >= 1024,
         "ALIGN_ROWS needs blocks of at least 128 bytes",
     )
     pid = tl.program_id(0)
@@ -952,9 +954,10 @@ def correct_gradient_kernel(
     no host sync) when the forward predicted grad_output right. Records grad_output in
     the call site's state for the next forward's prediction.
     """
-    # A realigned row starts up to one 128-byte line early: its first block must cover that.
+    # A realigned row starts up to one 128-byte line early: its first whole block must
+    # cover that (rows shorter than a block have only masked blocks).
     tl.static_assert(
-        not ALIGN_ROWS or BLOCK * grad_ptr.dtype.element_ty.primitive_bitwidth >= 1024,
+        not ALIGN_ROWS or BLOCK >= N_COLS or BLOCK * grad_ptr.dtype.element_ty.primitive_bitwidth >= 1024,
         "ALIGN_ROWS needs blocks of at least 128 bytes",
     )
     pid = tl.program_id(0)
