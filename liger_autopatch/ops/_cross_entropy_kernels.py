@@ -89,6 +89,16 @@ def _row_span(row, N_COLS: tl.constexpr, ALIGN_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _assert_blocks_cover_the_lead(ptr, N_COLS: tl.constexpr, ALIGN_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """A realigned row starts up to one 128-byte line early: its first whole block must
+    cover that (a row shorter than a block has masked blocks only)."""
+    tl.static_assert(
+        not ALIGN_ROWS or BLOCK >= N_COLS or BLOCK * ptr.dtype.element_ty.primitive_bitwidth >= 1024,
+        "ALIGN_ROWS needs blocks of at least 128 bytes",
+    )
+
+
+@triton.jit
 def _aligned_as(row, lead, ALIGN_ROWS: tl.constexpr):
     """The span start of a row that sits ``lead`` columns past a 128-byte line, as the row
     of another tensor does (see _row_span)."""
@@ -822,12 +832,7 @@ def cross_entropy_forward_kernel(
     WRITE_GRAD writes ``prediction / denominator * d loss_row / d z`` into grad (which
     may be the logits buffer itself: each block is read before it is written).
     """
-    # A realigned row starts up to one 128-byte line early: its first whole block must
-    # cover that (rows shorter than a block have only masked blocks).
-    tl.static_assert(
-        not ALIGN_ROWS or BLOCK >= N_COLS or BLOCK * logits_ptr.dtype.element_ty.primitive_bitwidth >= 1024,
-        "ALIGN_ROWS needs blocks of at least 128 bytes",
-    )
+    _assert_blocks_cover_the_lead(logits_ptr, N_COLS, ALIGN_ROWS, BLOCK)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     scale = 1.0
@@ -900,12 +905,7 @@ def cross_entropy_backward_kernel(
     ``grad_output`` has stride 0 for a reduced loss; HAS_SITE records that (scalar)
     grad_output in the call site's state.
     """
-    # A realigned row starts up to one 128-byte line early: its first whole block must
-    # cover that (rows shorter than a block have only masked blocks).
-    tl.static_assert(
-        not ALIGN_ROWS or BLOCK >= N_COLS or BLOCK * logits_ptr.dtype.element_ty.primitive_bitwidth >= 1024,
-        "ALIGN_ROWS needs blocks of at least 128 bytes",
-    )
+    _assert_blocks_cover_the_lead(logits_ptr, N_COLS, ALIGN_ROWS, BLOCK)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     if HAS_SITE:
@@ -954,12 +954,7 @@ def correct_gradient_kernel(
     no host sync) when the forward predicted grad_output right. Records grad_output in
     the call site's state for the next forward's prediction.
     """
-    # A realigned row starts up to one 128-byte line early: its first whole block must
-    # cover that (rows shorter than a block have only masked blocks).
-    tl.static_assert(
-        not ALIGN_ROWS or BLOCK >= N_COLS or BLOCK * grad_ptr.dtype.element_ty.primitive_bitwidth >= 1024,
-        "ALIGN_ROWS needs blocks of at least 128 bytes",
-    )
+    _assert_blocks_cover_the_lead(grad_ptr, N_COLS, ALIGN_ROWS, BLOCK)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     grad_output = tl.load(grad_output_ptr)

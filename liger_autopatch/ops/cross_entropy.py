@@ -138,8 +138,9 @@ def cross_entropy(
     and a target outside [0, V) that is not ``ignore_index`` raises
     :class:`TargetOutOfRange` (a ``ValueError`` and an ``IndexError``) naming it (one
     device-to-host sync per forward, none in the backward; while torch.compile traces or
-    a CUDA graph is captured nothing is read back and such a row's loss is NaN instead). The gradient (in the logits' dtype) overwrites ``input`` only if nothing else
-    can observe it: passed as a temporary, not a view, not a leaf, no other reference.
+    a CUDA graph is captured nothing is read back and such a row's loss is NaN instead).
+    The gradient (in the logits' dtype) overwrites ``input`` only if nothing else can
+    observe it: passed as a temporary, not a view, not a leaf, no other reference.
     Where the gradient is made in the backward (see the module docstring), ``input``
     modified in place between forward and backward raises there (torch keeps its own
     copy of the softmax instead); so does a second derivative, or a second backward.

@@ -281,9 +281,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # float16 keeps it in float32 until the backward, which scales it by grad_output
         # before rounding: made at a predicted loss scale that turns out twice too large,
         # a float16 weight gradient could overflow where torch's does not.
-        in_float32 = (step < hidden.shape[0] or weight.dtype == torch.float16) and _float32_accumulator_bytes(
-            weight, weight.requires_grad
-        ) > 0
+        keep_float32 = weight.dtype == torch.float16
+        several_chunks = step < hidden.shape[0]
+        in_float32 = (several_chunks or keep_float32) and _float32_accumulator_bytes(weight, weight.requires_grad) > 0
         accumulator_dtype = torch.float32 if in_float32 else weight.dtype
         grad_weight = weight.new_empty(weight.shape, dtype=accumulator_dtype) if weight.requires_grad else None
         want_bias = bias is not None and bias.requires_grad
@@ -291,7 +291,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         loss = _chunks(
             hidden, weight, bias, target, step, denominator, options, prediction, (grad_hidden, grad_weight, grad_bias)
         )
-        keep_float32 = weight.dtype == torch.float16
         ctx.grads = (
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None and not keep_float32 else grad_weight,
