@@ -126,9 +126,10 @@ _BEFORE_OPTIMIZER_STEP = "the optimizer step"
 class _OptimizerSteps:
     """Steps of any ``torch.optim.Optimizer`` in this process, counted from the first
     deferred logits on. Fused optimizers (``AdamW(fused=True)``, the Trainer's default
-    on recent torch) and writes through ``.data`` update weights without moving their
-    version counters, so the counters alone cannot tell logits that are stale. The count
-    is torch's global step pre-hook, registered once: it changes nothing but the count."""
+    on recent torch) update weights without moving their version counters, so the
+    counters alone cannot tell logits that are stale (nor can anything tell writes
+    through ``.data``). The count is torch's global step pre-hook, registered once: it
+    changes nothing but the count."""
 
     count = 0
     _handle: torch.utils.hooks.RemovableHandle | None = None
