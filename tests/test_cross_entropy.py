@@ -619,6 +619,21 @@ def test_argument_errors():
         cross_entropy(logits, target, reduction="avg")
     with pytest.raises(ValueError, match="num_items_in_batch"):
         cross_entropy(logits, target, reduction="none", num_items_in_batch=3)
+    with pytest.raises(TypeError):  # as torch: not truncated to class 1
+        cross_entropy(logits, target, ignore_index=1.5)
+    with pytest.raises(ValueError, match="ignore_index"):
+        cross_entropy(logits, target, ignore_index=2**64)
+    with pytest.raises(ValueError, match="softcap"):
+        cross_entropy(logits, target, softcap=2.0**200)
+
+
+@interpreter_only
+def test_tensor_softcap_and_logit_scale_are_numbers_to_the_kernel():
+    # A 0-d tensor is taken as its value; no launch fails, so the Triton path stays on.
+    logits, target = make_case(4, 60, torch.float32)
+    loss = cross_entropy(logits, target, softcap=torch.tensor(3.0), logit_scale=torch.tensor(0.5))
+    torch.testing.assert_close(loss.double(), reference(logits, target, softcap=3.0, logit_scale=0.5), rtol=1e-5, atol=1e-6)
+    assert supports(logits, target)
 
 
 # ---------------------------------------------------------------------------------------

@@ -208,6 +208,24 @@ def test_op_float16_weight_gradient_at_a_loss_scale_that_halves() -> None:
     assert overflowed == [True, False]
 
 
+def test_op_argument_errors() -> None:
+    hidden, weight, _, target = _inputs()
+    with pytest.raises(ValueError, match="bias must be"):
+        fused_linear_cross_entropy(hidden, weight, target, bias=torch.zeros(VOCAB + 1))
+    with pytest.raises(ValueError, match="one number"):
+        fused_linear_cross_entropy(hidden, weight, target, num_items_in_batch=torch.tensor([3.0, 4.0]))
+    with pytest.raises(TypeError):
+        fused_linear_cross_entropy(hidden, weight, target, ignore_index=1.5)
+
+
+def test_op_with_no_hidden_features() -> None:
+    hidden = torch.zeros(6, 0, requires_grad=True)
+    weight = torch.zeros(VOCAB, 0, requires_grad=True)
+    target = torch.randint(0, VOCAB, (6,))
+    fused_linear_cross_entropy(hidden, weight, target).backward()
+    assert hidden.grad.shape == (6, 0) and weight.grad.shape == (VOCAB, 0)
+
+
 def test_op_all_ignored() -> None:
     hidden, weight, _, target = _inputs()
     target.fill_(-100)

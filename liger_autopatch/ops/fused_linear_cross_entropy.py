@@ -102,6 +102,11 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be (V,) = {tuple(weight.shape[:1])}; got {tuple(bias.shape)}")
+    ignore_index, softcap, logit_scale = ce.check_arguments(
+        ignore_index, reduction, num_items_in_batch, softcap, logit_scale
+    )
     if _triton_serves(hidden, weight, bias, target):
         try:
             return _triton_fused(hidden, weight, bias, target, ignore_index, reduction, num_items_in_batch, softcap, logit_scale)
@@ -130,7 +135,7 @@ def _triton_fused(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     logits_like = _logits_like(hidden, weight)
-    options = ce.Options(int(ignore_index), 0.0, softcap, logit_scale)
+    options = ce.Options(ignore_index, 0.0, softcap, logit_scale)
     site = ce.call_site(sys._getframe(2), hidden.device) if needs_grad else None
     check = ce.check_targets(logits_like, target, options, site)
     denominator = ce.loss_denominator(check.status[2], reduction, num_items_in_batch, hidden.device)
@@ -312,7 +317,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             )
         del ctx.grads
         for grad in grads:
-            if grad is not None:
+            if grad is not None and grad.numel() > 0:
                 # In place, on the device: nothing happens when the prediction was right.
                 ce.correct_gradient(grad.view(-1, grad.shape[-1]), grad_output, ctx.prediction, ctx.site)
         grads = tuple(grad.to(ctx.dtype) if grad is not None else None for grad in grads)
