@@ -79,6 +79,12 @@ def _support(versions: dict[str, str | None]) -> dict[str, Any]:
         if versions[required] is None:
             supported = False
             notes.append(f"{required} is not installed")
+    if versions["wrapt"] is not None:
+        try:
+            import wrapt  # noqa: F401  (installed is not enough: the import hooks need it)
+        except Exception as exc:
+            supported = False
+            notes.append(f"wrapt cannot be imported: {exc}")
     return {
         "supported": supported,
         "tested_transformers": f"{TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}",
@@ -208,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(handler=_demo)
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # a buffered stdout fails here, not at exit, if the reader left
+        return status
     except BrokenPipeError:
         # The reader went away (`status | head`): stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

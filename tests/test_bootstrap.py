@@ -7,6 +7,7 @@ Each test runs a fresh interpreter of this environment, where the package is ins
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,11 @@ def test_missing_wrapt_never_breaks_import(tmp_path):
     """
     report = run_python(code, env={"PYTHONPATH": str(tmp_path)})
     assert report["original"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "liger_autopatch", "status"], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=Path(sys.executable).parent,
+    )
+    assert "wrapt cannot be imported" in cli.stdout and "supported: NO" in cli.stdout, cli.stdout
     assert any("wrapt is broken" in error for error in report["errors"]), report
     # status says the imported targets failed, not that they wait for their module.
     status_code = """
@@ -296,9 +302,11 @@ def test_status_cli_json_and_exit_codes():
 
 def test_status_cli_stops_quietly_when_its_reader_goes_away():
     """`status | head`: the reader closes the pipe before status writes; no traceback."""
+    # A buffered stdout (PYTHONUNBUFFERED unset) fails at the flush, not at the print.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     child = subprocess.Popen(
         [sys.executable, "-m", "liger_autopatch", "status", "--probe"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(sys.executable).parent,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(sys.executable).parent, env=env,
     )
     child.stdout.close()  # before the child has started: its first write finds no reader
     stderr = child.stderr.read()

@@ -577,6 +577,18 @@ def test_second_derivative_raises_instead_of_being_zero(reduction):
 
 
 @interpreter_only
+def test_torch_func_transforms_take_torchs_path_and_leave_ours_on():
+    # Their wrapped tensors have no storage a kernel can read: torch answers, and the
+    # Triton path is not taken for broken.
+    logits, target = make_case(3, 40, torch.float32)
+    per_row = torch.func.vmap(lambda x: cross_entropy(x[None], target[:1]))(logits)
+    grad = torch.func.grad(lambda x: cross_entropy(x, target))(logits)
+    torch.testing.assert_close(per_row, torch.stack([F.cross_entropy(x[None], target[:1]) for x in logits]))
+    torch.testing.assert_close(grad.double(), torch.func.grad(lambda x: reference(x, target))(logits.double()))
+    assert supports(logits, target)
+
+
+@interpreter_only
 def test_custom_op_registration():
     logits, target = make_case(4, 100, torch.float32)
     torch.library.opcheck(

@@ -109,6 +109,15 @@ def supports(input: Tensor, target: Tensor) -> bool:
         and input.dtype in _LOGIT_DTYPES
         and target.dtype in _TARGET_DTYPES
         and input.device == target.device
+        # torch.func's wrapped tensors (grad, vmap) have no storage a kernel can read.
+        # (torch.compile sees plain tensors, and cannot trace the check.)
+        and (
+            torch.compiler.is_compiling()
+            or not (
+                torch._C._functorch.is_functorch_wrapped_tensor(input)
+                or torch._C._functorch.is_functorch_wrapped_tensor(target)
+            )
+        )
         and (input.is_cuda or (input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
         and unusable_reason(input.device) is None
     )
@@ -736,6 +745,8 @@ def run_backward_kernel(
 
 
 def correct_gradient(grad: Tensor, grad_output: Tensor, prediction: Tensor, site: CallSite) -> None:
+    """``grad *= grad_output / prediction`` in place where the forward's prediction was
+    wrong (zeros stay zeros), and record ``grad_output`` in the site's state."""
     n_rows, n_cols = grad.shape
     config = launch_config(n_cols, grad.device, "gradient")
     grid = _grid(n_rows, grad.device, config)
@@ -790,6 +801,9 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.grad_in_forward = grad_in_forward
         ctx.reduced = reduction != "none"
         ctx.site = site
+        # Set to None, never deleted, once the backward has handed them out (compiled
+        # autograd passes the backward a stand-in for ctx that cannot delete them).
+        ctx.grad = ctx.logits = None
         if grad_in_forward:
             grad = input if in_place else _fresh_gradient_buffer(input)
             rows, _ = run_forward_kernel(input, target, options, denominator, prediction, grad=grad, store_lse=False)
@@ -809,7 +823,7 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_second_derivative("cross_entropy")
         nones = (None,) * 8
-        if not hasattr(ctx, "grad") and not hasattr(ctx, "logits"):
+        if ctx.grad is None and ctx.logits is None:
             raise RuntimeError(
                 "liger_autopatch.cross_entropy: a second backward through the same loss "
                 "(retain_graph=True) is not supported: its gradient was handed out by the "
@@ -818,12 +832,10 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.reduced:
             grad_output = grad_output.reshape(())  # (1,) where num_items_in_batch was
         if ctx.grad_in_forward:
-            grad = ctx.grad
-            del ctx.grad
+            grad, ctx.grad = ctx.grad, None
             correct_gradient(grad, grad_output, ctx.prediction, ctx.site)
             return (grad, *nones)
-        logits = ctx.logits
-        del ctx.logits
+        logits, ctx.logits = ctx.logits, None
         if logits._version != ctx.logits_version:
             raise RuntimeError("cross_entropy: the logits were modified in place between forward and backward")
         target, lse, denominator = ctx.saved_tensors

@@ -308,14 +308,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple:  # type: ignore[override]
         ce.refuse_second_derivative("fused_linear_cross_entropy")
-        grads = getattr(ctx, "grads", None)
+        grads, ctx.grads = ctx.grads, None  # handed out once; compiled autograd cannot delete
         if grads is None:
             raise RuntimeError(
                 "fused_linear_cross_entropy: a second backward through the same loss is not "
                 "supported (the gradients were made in the forward and handed out once); "
                 "set LIGER_DISABLE=flce for models that need it"
             )
-        del ctx.grads
         for grad in grads:
             if grad is not None and grad.numel() > 0:
                 # In place, on the device: nothing happens when the prediction was right.
