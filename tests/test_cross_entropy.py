@@ -544,7 +544,8 @@ def test_label_smoothing_outside_zero_to_one_as_torch():
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(logits, target, label_smoothing=1.5)
     torch.testing.assert_close(
-        cross_entropy(logits, target, label_smoothing=-0.5), F.cross_entropy(logits, target, label_smoothing=-0.5)
+        cross_entropy(logits, target, label_smoothing=-0.5),
+        F.cross_entropy(logits, target, label_smoothing=-0.5),
     )
 
 
@@ -644,7 +645,8 @@ def test_tensor_softcap_and_logit_scale_are_numbers_to_the_kernel():
     # A 0-d tensor is taken as its value; no launch fails, so the Triton path stays on.
     logits, target = make_case(4, 60, torch.float32)
     loss = cross_entropy(logits, target, softcap=torch.tensor(3.0), logit_scale=torch.tensor(0.5))
-    torch.testing.assert_close(loss.double(), reference(logits, target, softcap=3.0, logit_scale=0.5), rtol=1e-5, atol=1e-6)
+    expected = reference(logits, target, softcap=3.0, logit_scale=0.5)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     assert supports(logits, target)
 
 

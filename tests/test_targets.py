@@ -395,9 +395,10 @@ def test_loss_dtypes_under_autocast_and_with_a_float_item_count(
     # float32 item count (what the Trainer passes) promotes it to float32.
     logits, labels = _causal_batch(torch.bfloat16)
     rows, row_labels = logits.view(-1, 37).to(DEVICE), labels.view(-1).to(DEVICE)
+    fixed = (loss_utils.fixed_cross_entropy, unpatched.fixed_cross_entropy)
     calls = [
-        (loss_utils.fixed_cross_entropy, unpatched.fixed_cross_entropy, {"num_items_in_batch": torch.tensor(9.0)}),
-        (loss_utils.fixed_cross_entropy, unpatched.fixed_cross_entropy, {"num_items_in_batch": 9}),
+        (*fixed, {"num_items_in_batch": torch.tensor(9.0)}),
+        (*fixed, {"num_items_in_batch": 9}),
         (AutopatchCrossEntropyLoss(), torch.nn.CrossEntropyLoss(), {}),
     ]
     for autocast in (False, True):
@@ -421,7 +422,8 @@ def test_cross_entropy_loss_instances_outlive_the_patch_as_torchs() -> None:
         assert type(restored) is torch.nn.CrossEntropyLoss
         assert (restored.ignore_index, restored.label_smoothing) == (3, 0.1)
     logits, labels = torch.randn(5, 7), torch.randint(0, 7, (5,))
-    assert_close(torch.jit.script(instance)(logits, labels), torch.nn.CrossEntropyLoss(ignore_index=3, label_smoothing=0.1)(logits, labels))
+    expected = torch.nn.CrossEntropyLoss(ignore_index=3, label_smoothing=0.1)(logits, labels)
+    assert_close(torch.jit.script(instance)(logits, labels), expected)
     code = """
     import json, torch
     from liger_autopatch import unpatch
