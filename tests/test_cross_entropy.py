@@ -164,7 +164,7 @@ def test_realigned_rows_fetched_into_l2_are_not_loaded_ahead_into_registers(monk
         logits, target = make_case(4, v, torch.bfloat16)
         # In place: a fresh CPU buffer starts on 64 bytes, so only sometimes where the
         # logits do modulo 128 (the CUDA allocator's blocks start on 512).
-        ce_module.run_forward_kernel(logits, target, options, None, None, grad=logits, store_lse=False)
+        ce_module.run_forward_kernel(logits, target, options, None, None, grad=logits, store_lse=False, summed_with=None)
     aligned, realigned = launched
     assert not aligned["ALIGN_ROWS"] and aligned["PREFETCH"] and aligned["L2_PREFETCH"]
     assert realigned["ALIGN_ROWS"] and not realigned["PREFETCH"] and realigned["L2_PREFETCH"]
@@ -663,6 +663,29 @@ def test_tensor_softcap_and_logit_scale_are_numbers_to_the_kernel():
 def test_gpu_real_sizes(v, kwargs):
     logits, target = make_case(2048, v, torch.bfloat16, device="cuda", ignored=0.1)
     check(logits, target, grad_outputs=(1.0, 0.125, 0.125), **kwargs)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("v", [32000, 128256])
+@pytest.mark.parametrize("grad", [True, False], ids=["loss and gradient", "loss only"])
+def test_gpu_kernel_sums_every_programs_rows(v, grad):
+    # The forward kernel sums the loss itself: each program leaves its rows' total, and
+    # whichever takes the last ticket adds them up. A total it missed would be a whole
+    # program's share, 1/132 of the loss or more; the order of the sum is fixed, so
+    # repeated calls agree to the bit.
+    logits, target = make_case(8192, v, torch.bfloat16, device="cuda", ignored=0.1)
+    logits.requires_grad_(grad)
+    rows = cross_entropy(logits, target, reduction="none").double()
+    expected = rows.sum() / (target != -100).sum()
+    first = cross_entropy(logits, target)
+    for _ in range(100):
+        loss = cross_entropy(logits, target)
+        assert torch.equal(loss, first)
+    torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=0)
+    total = cross_entropy(logits, target, reduction="sum", label_smoothing=0.1)
+    expected_total = cross_entropy(logits, target, reduction="none", label_smoothing=0.1).double().sum()
+    torch.testing.assert_close(total.double(), expected_total, rtol=1e-6, atol=0)
 
 
 @gpu

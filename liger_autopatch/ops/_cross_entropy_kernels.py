@@ -593,7 +593,8 @@ def check_targets_kernel(
     """One program, run before the loss kernel so that one host read gives all it needs.
 
     status (int64) = [the target of the first row whose target is bad (else ignore_index),
-    1 if the call site's last two grad_outputs differed, count of non-ignored targets].
+    1 if the call site's last two grad_outputs differed, count of non-ignored targets, 0:
+    the ticket of the loss kernel's programs (_sum_over_programs)].
     With a site, ``prediction`` (float32) = the site's last grad_output (1 if none, 0 or
     not finite): the factor the gradient-in-forward path bakes in.
     """
@@ -614,6 +615,7 @@ def check_targets_kernel(
         bad = tl.load(target_ptr + first_bad * stride_target).to(tl.int64)
     tl.store(status_ptr, bad)
     tl.store(status_ptr + 2, n_valid)
+    tl.store(status_ptr + 3, tl.zeros([], dtype=tl.int64))
     if HAS_SITE:
         last = tl.load(site_ptr)
         usable = (last != 0.0) & (tl.abs(last) < float("inf"))
@@ -729,6 +731,7 @@ def _forward_row(
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    STORE_ROWS: tl.constexpr,
     STORE_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -737,9 +740,9 @@ def _forward_row(
     ALIGN_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Loss (and lse, gradient) of one row. Returns what _start_next_row gives: the next
-    row is started before this row's gradient pass, so that its first block arrives while
-    the pass runs."""
+    """Loss (and lse, gradient) of one row. Returns the row's loss and what
+    _start_next_row gives: the next row is started before this row's gradient pass, so
+    that its first block arrives while the pass runs."""
     logits_row = logits_ptr + row * stride_logits_row
     start, lead, read_end, store_start, store_end = _row_span(logits_row, N_COLS, ALIGN_ROWS)
     # The host realigns rows only where the gradient's rows are aligned as the logits' are.
@@ -751,7 +754,9 @@ def _forward_row(
             z_first, logits_ptr, stride_logits_row, stride_logits_col, next_row, next_needed, cols,
             N_COLS, PREFETCH, L2_PREFETCH, ALIGN_ROWS, BLOCK,
         )  # fmt: skip
-        tl.store(loss_ptr + row, 0.0)
+        loss = 0.0
+        if STORE_ROWS:
+            tl.store(loss_ptr + row, loss)
         if STORE_LSE:
             tl.store(lse_ptr + row, 0.0)
         if WRITE_GRAD:
@@ -778,7 +783,8 @@ def _forward_row(
         if HAS_SMOOTHING:
             loss -= label_smoothing / N_COLS * sum_x
         loss = tl.where(in_range, loss, float("nan"))
-        tl.store(loss_ptr + row, loss)
+        if STORE_ROWS:
+            tl.store(loss_ptr + row, loss)
         if STORE_LSE:
             tl.store(lse_ptr + row, lse2)
         z_next = _start_next_row(
@@ -791,7 +797,42 @@ def _forward_row(
                 cols, N_COLS, target, x_t, lse2, scale, label_smoothing, softcap, logit_scale, z_grad_first,
                 HAS_SOFTCAP, HAS_LOGIT_SCALE, REVERSE, PREFETCH, ALIGN_ROWS, BLOCK,
             )  # fmt: skip
-    return z_next
+    return loss, z_next
+
+
+@triton.jit
+def _sum_over_programs(
+    total,
+    partials_ptr,
+    ticket_ptr,
+    out_ptr,
+    denominator_ptr,
+    n_programs,
+    HAS_DENOMINATOR: tl.constexpr,
+    PROGRAMS_BLOCK: tl.constexpr,
+):
+    """The loss, ``sum(total of every program) / denominator``, into ``out``: each program
+    leaves its total in ``partials`` and takes a ticket; the program that takes the last
+    ticket adds them up, always in the same order (the result does not depend on which
+    program finishes last), and writes the loss. ``ticket`` starts at 0
+    (check_targets_kernel)."""
+    pid = tl.program_id(0)
+    tl.store(partials_ptr + pid, total)
+    # Every thread's stores before the ticket; the ticket's release makes them visible to
+    # the program that takes the last one, its acquire makes all of them visible to it.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    if ticket == n_programs - 1:
+        programs = tl.arange(0, PROGRAMS_BLOCK)
+        # From L2 (.cg): another SM wrote them, this SM's L1 may hold older lines.
+        partials = tl.load(partials_ptr + programs, mask=programs < n_programs, other=0.0, cache_modifier=".cg")
+        loss = tl.sum(partials, axis=0)
+        if HAS_DENOMINATOR:
+            # An int64 count or a float32 num_items_in_batch; 0 / 0 is NaN, as torch's
+            # "mean" over no rows.
+            loss = loss / tl.load(denominator_ptr).to(tl.float32)
+        tl.store(out_ptr, loss)
 
 
 @triton.jit
@@ -808,6 +849,8 @@ def cross_entropy_forward_kernel(
     stride_grad_col,
     denominator_ptr,
     prediction_ptr,
+    partials_ptr,
+    status_ptr,
     n_rows,
     N_COLS: tl.constexpr,
     n_programs,
@@ -818,6 +861,7 @@ def cross_entropy_forward_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    SUM: tl.constexpr,
     STORE_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     HAS_DENOMINATOR: tl.constexpr,
@@ -826,9 +870,14 @@ def cross_entropy_forward_kernel(
     L2_PREFETCH: tl.constexpr,
     ALIGN_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PROGRAMS_BLOCK: tl.constexpr,
 ):
-    """Per-row loss (unreduced, float32), optionally lse (base 2) and the gradient.
+    """Per-row loss (float32), optionally lse (base 2) and the gradient.
 
+    SUM: instead of the rows' losses, their sum divided by the denominator (where there
+    is one) into ``loss`` (0-d), with ``partials`` (one float32 per program) and the
+    ticket in the target check's status (0 at launch) for the programs to meet
+    (_sum_over_programs).
     WRITE_GRAD writes ``prediction / denominator * d loss_row / d z`` into grad (which
     may be the logits buffer itself: each block is read before it is written).
     """
@@ -855,20 +904,26 @@ def cross_entropy_forward_kernel(
         logits_ptr, stride_logits_row, stride_logits_col, row, (row < n_rows) & (target != ignore_index), cols,
         N_COLS, PREFETCH, ALIGN_ROWS,
     )  # fmt: skip
+    total = 0.0
     while row < n_rows:
         next_row = row + n_programs
         next_z_t = _target_logit(logits_ptr, stride_logits_row, stride_logits_col, next_row, n_rows, next_target, N_COLS)
         target_after = _row_target(target_ptr, stride_target, next_row + n_programs, n_rows, ignore_index)
-        z_first = _forward_row(
+        loss, z_first = _forward_row(
             row, target, z_t, z_first, next_row, next_target, n_rows,
             logits_ptr, stride_logits_row, stride_logits_col,
             loss_ptr, lse_ptr, grad_ptr, stride_grad_row, stride_grad_col, scale,
             cols, N_COLS, ignore_index, label_smoothing, softcap, logit_scale,
-            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, STORE_LSE, WRITE_GRAD, REVERSE, PREFETCH,
+            HAS_SOFTCAP, HAS_LOGIT_SCALE, HAS_SMOOTHING, not SUM, STORE_LSE, WRITE_GRAD, REVERSE, PREFETCH,
             L2_PREFETCH, ALIGN_ROWS, BLOCK,
         )  # fmt: skip
+        total += loss
         row = next_row
         target, z_t, next_target = next_target, next_z_t, target_after
+    if SUM:
+        _sum_over_programs(
+            total, partials_ptr, status_ptr + 3, loss_ptr, denominator_ptr, n_programs, HAS_DENOMINATOR, PROGRAMS_BLOCK
+        )
 
 
 @triton.jit

@@ -232,9 +232,11 @@ def _triton_cross_entropy(
     site = call_site(sys._getframe(2), input.device)
     check = check_targets(input, target, options, site)
     denominator = loss_denominator(check.status[2], reduction, num_items_in_batch, input.device)
+    summed_with = check if reduction != "none" else None
     if not (input.requires_grad and torch.is_grad_enabled()):
-        rows, _ = run_forward_kernel(input, target, options, denominator, None, grad=None, store_lse=False)
-        loss = _reduce(rows, reduction, denominator)
+        loss, _ = run_forward_kernel(
+            input, target, options, denominator, None, grad=None, store_lse=False, summed_with=summed_with
+        )
     else:
         # grad_output_steady is what the site's previous call read back. float16 cannot
         # hold a gradient made at a prediction that turns out wrong (a loss scale that
@@ -243,7 +245,7 @@ def _triton_cross_entropy(
         grad_in_forward = reduction != "none" and site.grad_output_steady and input.dtype != torch.float16
         in_place = grad_in_forward and only_our_reference and _unobservable(input)
         loss = _CrossEntropy.apply(
-            input, target, denominator, check.prediction, reduction, options, site, grad_in_forward, in_place
+            input, target, denominator, check.prediction, summed_with, options, site, grad_in_forward, in_place
         )
     read_check(check, input, options, site)
     return loss
@@ -583,7 +585,7 @@ def _transform_args(options: Options) -> dict[str, object]:
 @dataclass
 class TargetCheck:
     """What check_targets_kernel left: int64 status [bad target, unsteady, non-ignored
-    count] and the float32 grad_output prediction on the device, plus (CUDA) a pinned
+    count, the loss kernel's ticket] and the float32 grad_output prediction on the device, plus (CUDA) a pinned
     host copy of the status and the event after which that copy is complete."""
 
     status: Tensor
@@ -603,7 +605,7 @@ def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSit
     """Launch the target check; its result is read by :func:`read_check` once the loss
     kernel is queued behind it, so that the GPU never waits for the host."""
     n_rows, n_cols = input.shape
-    status = torch.empty(3, dtype=torch.int64, device=input.device)
+    status = torch.empty(4, dtype=torch.int64, device=input.device)
     prediction = torch.empty((), dtype=torch.float32, device=input.device) if site is not None else None
     _launch(
         input, _kernels().check_targets_kernel, (1,),
@@ -620,7 +622,7 @@ def check_targets(input: Tensor, target: Tensor, options: Options, site: CallSit
     try:
         host_status, copied = _spare_readbacks[input.device].pop()  # one step: threads may race here
     except (KeyError, IndexError):
-        host_status, copied = torch.empty(3, dtype=torch.int64, pin_memory=True), torch.cuda.Event()
+        host_status, copied = torch.empty(4, dtype=torch.int64, pin_memory=True), torch.cuda.Event()
     host_status.copy_(status, non_blocking=True)
     copied.record(torch.cuda.current_stream(input.device))
     return TargetCheck(status, prediction, host_status, copied)
@@ -642,10 +644,10 @@ def read_check(check: TargetCheck, input: Tensor, options: Options, site: CallSi
         return
     if check.copied is not None:
         check.copied.synchronize()
-        bad_target, unsteady, _ = check.host_status.tolist()
+        bad_target, unsteady, _, _ = check.host_status.tolist()
         _spare_readbacks.setdefault(input.device, []).append((check.host_status, check.copied))
     else:
-        bad_target, unsteady, _ = check.status.tolist()
+        bad_target, unsteady, _, _ = check.status.tolist()
     if site is not None:
         site.grad_output_steady = not unsteady
     if bad_target != options.ignore_index:
@@ -664,15 +666,24 @@ def run_forward_kernel(
     *,
     grad: Tensor | None,
     store_lse: bool,
+    summed_with: TargetCheck | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Row losses (N,) float32 and, if asked, row log-sum-exp (base 2); writes the
-    gradient of prediction * sum(rows) / denominator into ``grad`` when given."""
+    """Row losses (N,) float32, or with ``summed_with`` (the check of these rows) their
+    sum divided by ``denominator`` (0-d: the kernel reduces, no more launches); and, if
+    asked, row log-sum-exp (base 2). Writes the gradient of prediction * sum(rows) /
+    denominator into ``grad`` when given."""
     n_rows, n_cols = input.shape
-    rows = torch.empty(n_rows, dtype=torch.float32, device=input.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=input.device) if store_lse else None
     config = launch_config(n_cols, input.device, "loss_and_gradient" if grad is not None else "loss")
-    grad_buffer = grad if grad is not None else input
     grid = _grid(n_rows, input.device, config)
+    if summed_with is None:
+        loss = partials = torch.empty(n_rows, dtype=torch.float32, device=input.device)
+    else:
+        # The shape of sum / denominator in torch: that of a one-element num_items_in_batch.
+        shape = denominator.shape if denominator is not None else ()
+        loss = torch.empty(shape, dtype=torch.float32, device=input.device)
+        partials = torch.empty(grid[0], dtype=torch.float32, device=input.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=input.device) if store_lse else None
+    grad_buffer = grad if grad is not None else input
     align_rows = _realigned(input, grad)
     # A bulk prefetch covers a contiguous byte range.
     l2_prefetch = config.l2_prefetch and input.stride(1) == 1
@@ -683,27 +694,30 @@ def run_forward_kernel(
         input, _kernels().cross_entropy_forward_kernel, grid,
         input, input.stride(0), input.stride(1),
         target, target.stride(0),
-        rows, lse if lse is not None else rows,
+        loss, lse if lse is not None else loss,
         grad_buffer, grad_buffer.stride(0), grad_buffer.stride(1),
-        denominator if denominator is not None else rows,
-        prediction if prediction is not None else rows,
+        denominator if denominator is not None else loss,
+        prediction if prediction is not None else loss,
+        partials, summed_with.status if summed_with is not None else partials,
         n_rows, N_COLS=n_cols, n_programs=grid[0],
         **_transform_args(options),
         HAS_SMOOTHING=options.label_smoothing != 0.0,
+        SUM=summed_with is not None,
         STORE_LSE=store_lse,
         WRITE_GRAD=grad is not None,
-        HAS_DENOMINATOR=grad is not None and denominator is not None,
+        HAS_DENOMINATOR=denominator is not None,
         REVERSE=config.reverse,
         PREFETCH=prefetch,
         L2_PREFETCH=l2_prefetch,
         ALIGN_ROWS=align_rows,
         BLOCK=config.block,
+        PROGRAMS_BLOCK=1 << (grid[0] - 1).bit_length() if summed_with is not None else 1,
         num_warps=config.num_warps,
         # Without the limit the compiler may use more registers than the grid's
         # programs per SM leave, and fewer programs run at once (NOTES-ce, v14).
         maxnreg=config.max_registers,
     )  # fmt: skip
-    return rows, lse
+    return loss, lse
 
 
 def run_backward_kernel(
@@ -792,32 +806,36 @@ class _CrossEntropy(torch.autograd.Function):
         target: Tensor,
         denominator: Tensor | None,
         prediction: Tensor,
-        reduction: str,
+        summed_with: TargetCheck | None,
         options: Options,
         site: CallSite,
         grad_in_forward: bool,
         in_place: bool,
     ) -> Tensor:
         ctx.grad_in_forward = grad_in_forward
-        ctx.reduced = reduction != "none"
+        ctx.reduced = summed_with is not None
         ctx.site = site
         # Set to None, never deleted, once the backward has handed them out (compiled
         # autograd passes the backward a stand-in for ctx that cannot delete them).
         ctx.grad = ctx.logits = None
         if grad_in_forward:
             grad = input if in_place else _fresh_gradient_buffer(input)
-            rows, _ = run_forward_kernel(input, target, options, denominator, prediction, grad=grad, store_lse=False)
+            loss, _ = run_forward_kernel(
+                input, target, options, denominator, prediction, grad=grad, store_lse=False, summed_with=summed_with
+            )
             ctx.grad = grad
             ctx.prediction = prediction
         else:
-            rows, lse = run_forward_kernel(input, target, options, denominator, None, grad=None, store_lse=True)
+            loss, lse = run_forward_kernel(
+                input, target, options, denominator, None, grad=None, store_lse=True, summed_with=summed_with
+            )
             # Held as an attribute, not saved: at backward time this lets us see whether
             # anyone else still holds the logits (then the gradient may overwrite them).
             ctx.logits = input
             ctx.logits_version = input._version
             ctx.save_for_backward(target, lse, denominator)
             ctx.options = options
-        return _reduce(rows, reduction, denominator)
+        return loss
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -829,8 +847,9 @@ class _CrossEntropy(torch.autograd.Function):
                 "(retain_graph=True) is not supported: its gradient was handed out by the "
                 "first; set LIGER_DISABLE=1 for code that needs it"
             )
-        if ctx.reduced:
-            grad_output = grad_output.reshape(())  # (1,) where num_items_in_batch was
+        if ctx.reduced and grad_output.dim() != 0:
+            # (1,) where num_items_in_batch was; a view costs host time, so only then.
+            grad_output = grad_output.reshape(())
         if ctx.grad_in_forward:
             grad, ctx.grad = ctx.grad, None
             correct_gradient(grad, grad_output, ctx.prediction, ctx.site)
@@ -863,7 +882,7 @@ def _cross_entropy_rows(
     """Per-row losses (float32) and per-row log-sum-exp (base 2) for the backward."""
     options = Options(ignore_index, label_smoothing, softcap, logit_scale)
     check = check_targets(input, target, options, None)
-    rows, lse = run_forward_kernel(input, target, options, None, None, grad=None, store_lse=True)
+    rows, lse = run_forward_kernel(input, target, options, None, None, grad=None, store_lse=True, summed_with=None)
     read_check(check, input, options, None)
     assert lse is not None
     return rows, lse

@@ -230,7 +230,7 @@ def _chunks(
         # With grads, the kernel overwrites the logits with their gradient.
         row_losses, _ = ce.run_forward_kernel(
             logits, target[rows], options, denominator, prediction,
-            grad=logits if grads is not None else None, store_lse=False,
+            grad=logits if grads is not None else None, store_lse=False, summed_with=None,
         )  # fmt: skip
         total += row_losses.sum()
         if grad_hidden is not None:
