@@ -875,7 +875,7 @@ def cross_entropy_forward_kernel(
     """Per-row loss (float32), optionally lse (base 2) and the gradient.
 
     SUM: instead of the rows' losses, their sum divided by the denominator (where there
-    is one) into ``loss`` (0-d), with ``partials`` (one float32 per program) and the
+    is one) into ``loss`` (one element), with ``partials`` (one float32 per program) and the
     ticket in the target check's status (0 at launch) for the programs to meet
     (_sum_over_programs).
     WRITE_GRAD writes ``prediction / denominator * d loss_row / d z`` into grad (which
