@@ -20,7 +20,9 @@ place once. Implementations:
 * torch eager on the bf16 logits; torch.compile of the upcast path;
 * liger-kernel ``LigerCrossEntropyLoss`` (if importable; it writes into the logits).
 
-``--sweep`` also times launch configurations of this package's kernels. The JSON goes to
+``--sweep`` first times the gradient-writing pass at each V under the launch
+configuration the package ships and under that one with each switch flipped, then
+builds the table with the fastest. The JSON goes to
 ``<out>/ce-<gpu>-<date>.json`` (``-vocab-<V>-...`` appended for a ``--vocab`` list).
 """
 
@@ -172,22 +174,29 @@ def make_inputs(v: int) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, target
 
 
-L = ce.LaunchConfig
-SWEEP = {  # configurations of the forward kernel that writes the gradient
-    32000: [L(8192, 8, 4, False), L(8192, 8, 2, False), L(4096, 8, 4, False), L(32768, 32, 1, False)],
-    128256: [L(16384, 16, 1, False), L(16384, 16, 1, True), L(16384, 32, 1, False), L(8192, 16, 2, True)],
-    262144: [L(16384, 32, 1, True), L(16384, 32, 1, False), L(16384, 16, 1, True), L(8192, 8, 4, True)],
-}  # fmt: skip
+# The switches of the gradient-writing pass, each flipped alone in a sweep.
+SWITCHES = ("reverse", "prefetch", "l2_prefetch")
 
 
-def sweep(bandwidth: float) -> tuple[list[dict], dict[int, ce.LaunchConfig]]:
-    """Our fwd+bwd (temporary logits, grad_output 1) under several launch configurations;
-    returns the timings and the fastest configuration per V."""
+def sweep_configs(v: int) -> list[ce.LaunchConfig]:
+    """The configuration the package ships for the gradient-writing pass at V on this GPU,
+    then that one with each switch flipped: the switches were chosen on one GPU model
+    (bench/NOTES-ce.md), and another may want them the other way."""
+    shipped = ce.launch_config(v, torch.device("cuda"), "loss_and_gradient")
+    # The L2 fetch is a Hopper instruction: elsewhere it cannot be switched on.
+    switches = SWITCHES if torch.cuda.get_device_capability()[0] == 9 else SWITCHES[:-1]
+    return [shipped] + [dataclasses.replace(shipped, **{name: not getattr(shipped, name)}) for name in switches]
+
+
+def sweep(vocabs: tuple[int, ...], bandwidth: float) -> tuple[list[dict], dict[int, ce.LaunchConfig]]:
+    """Our fwd+bwd (temporary logits, grad_output 1) under the configurations of
+    :func:`sweep_configs`; returns the timings and the fastest configuration per V."""
     default = ce.launch_config
     results = []
     best: dict[int, tuple[float, ce.LaunchConfig]] = {}
     one = torch.ones((), device="cuda")
-    for v, configs in SWEEP.items():
+    for v in vocabs:
+        configs = sweep_configs(v)
         logits, target = make_inputs(v)
         floor_ms = 2 * N_TOKENS * v * 2 / bandwidth * 1e3
         run = candidates(logits, target, one, {})["liger_autopatch (temporary)"]
@@ -199,6 +208,10 @@ def sweep(bandwidth: float) -> tuple[list[dict], dict[int, ce.LaunchConfig]]:
                 ms = measure(run, rep=80)
             finally:
                 ce.launch_config = default
+            # A kernel that fails turns the package's Triton path off: every timing after it
+            # would be torch's.
+            if (reason := ce.unusable_reason(logits.device)) is not None:
+                raise SystemExit(f"sweep V={v} {config}: the kernels failed ({reason})")
             results.append({"V": v, **dataclasses.asdict(config), "ms": ms, "x_floor": ms / floor_ms})
             print(f"sweep V={v:>6} {config}: {ms:.3f} ms, {ms / floor_ms:.2f}x floor", flush=True)
             if v not in best or ms < best[v][0]:
@@ -210,7 +223,7 @@ def sweep(bandwidth: float) -> tuple[list[dict], dict[int, ce.LaunchConfig]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    parser.add_argument("--sweep", action="store_true", help="first time the shipped launch configuration against its switches flipped")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON")
     parser.add_argument("--vocab", help="comma-separated vocabulary sizes instead of the issue's three")
     parser.add_argument("--rounds", type=int, default=3, help="timings per row, in rotated orders")
@@ -220,7 +233,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
     print(f"{gpu}; torch {torch.__version__}, triton {triton.__version__}; copy {bandwidth / 1e12:.2f} TB/s")
-    sweep_results, best = sweep(bandwidth) if args.sweep else ([], {})
+    sweep_results, best = sweep(vocabs, bandwidth) if args.sweep else ([], {})
     default_config = ce.launch_config
     # With --sweep the table uses the fastest configuration found for each V.
     ce.launch_config = lambda n_cols, device, kernel_pass: (
