@@ -223,7 +223,7 @@ def sweep(vocabs: tuple[int, ...], bandwidth: float) -> tuple[list[dict], dict[i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="first time the shipped launch configuration against its switches flipped")
+    parser.add_argument("--sweep", action="store_true", help="first time the shipped launch configuration, switches flipped")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON")
     parser.add_argument("--vocab", help="comma-separated vocabulary sizes instead of the issue's three")
     parser.add_argument("--rounds", type=int, default=3, help="timings per row, in rotated orders")
