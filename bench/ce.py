@@ -183,39 +183,54 @@ def sweep_configs(v: int) -> list[ce.LaunchConfig]:
     then that one with each switch flipped: the switches were chosen on one GPU model
     (bench/NOTES-ce.md), and another may want them the other way."""
     shipped = ce.launch_config(v, torch.device("cuda"), "loss_and_gradient")
-    # The L2 fetch is a Hopper instruction: elsewhere it cannot be switched on.
-    switches = SWITCHES if torch.cuda.get_device_capability()[0] == 9 else SWITCHES[:-1]
+    # The L2 fetch is a Hopper instruction: elsewhere it cannot be switched on. The early
+    # loads take the first block of each pass, so they exist only for forward walks.
+    switches = [name for name in SWITCHES if name != "l2_prefetch" or torch.cuda.get_device_capability()[0] == 9]
+    if shipped.reverse and not shipped.prefetch:
+        switches.remove("prefetch")
     return [shipped] + [dataclasses.replace(shipped, **{name: not getattr(shipped, name)}) for name in switches]
+
+
+def time_config(run: Callable[[], None], config: ce.LaunchConfig, device: torch.device) -> float | str:
+    """Median ms of ``run`` with ``config`` for the gradient-writing pass, or why its
+    kernel failed. A failure turns the package's Triton path off on ``device`` (every later
+    timing would be torch's), so the sweep, which tries configurations the package does
+    not ship, turns it back on."""
+    default = ce.launch_config
+    ce.launch_config = lambda n_cols, device, kernel_pass: (
+        config if kernel_pass == "loss_and_gradient" else default(n_cols, device, kernel_pass)
+    )
+    try:
+        ms = measure(run, rep=80)
+    finally:
+        ce.launch_config = default
+    reason = ce.unusable_reason(device)
+    if reason is not None:
+        del ce._unusable_devices[device]
+        return reason
+    return ms
 
 
 def sweep(vocabs: tuple[int, ...], bandwidth: float) -> tuple[list[dict], dict[int, ce.LaunchConfig]]:
     """Our fwd+bwd (temporary logits, grad_output 1) under the configurations of
     :func:`sweep_configs`; returns the timings and the fastest configuration per V."""
-    default = ce.launch_config
     results = []
     best: dict[int, tuple[float, ce.LaunchConfig]] = {}
     one = torch.ones((), device="cuda")
     for v in vocabs:
-        configs = sweep_configs(v)
         logits, target = make_inputs(v)
         floor_ms = 2 * N_TOKENS * v * 2 / bandwidth * 1e3
         run = candidates(logits, target, one, {})["liger_autopatch (temporary)"]
-        for config in configs:
-            ce.launch_config = lambda n_cols, device, kernel_pass, config=config: (
-                config if kernel_pass == "loss_and_gradient" else default(n_cols, device, kernel_pass)
-            )
-            try:
-                ms = measure(run, rep=80)
-            finally:
-                ce.launch_config = default
-            # A kernel that fails turns the package's Triton path off: every timing after it
-            # would be torch's.
-            if (reason := ce.unusable_reason(logits.device)) is not None:
-                raise SystemExit(f"sweep V={v} {config}: the kernels failed ({reason})")
-            results.append({"V": v, **dataclasses.asdict(config), "ms": ms, "x_floor": ms / floor_ms})
-            print(f"sweep V={v:>6} {config}: {ms:.3f} ms, {ms / floor_ms:.2f}x floor", flush=True)
-            if v not in best or ms < best[v][0]:
-                best[v] = (ms, config)
+        for config in sweep_configs(v):
+            outcome = time_config(run, config, logits.device)
+            if isinstance(outcome, str):
+                results.append({"V": v, **dataclasses.asdict(config), "failed": outcome})
+                print(f"sweep V={v:>6} {config}: the kernel failed ({outcome})", flush=True)
+                continue
+            results.append({"V": v, **dataclasses.asdict(config), "ms": outcome, "x_floor": outcome / floor_ms})
+            print(f"sweep V={v:>6} {config}: {outcome:.3f} ms, {outcome / floor_ms:.2f}x floor", flush=True)
+            if v not in best or outcome < best[v][0]:
+                best[v] = (outcome, config)
         del logits, target, run
         torch.cuda.empty_cache()
     return results, {v: config for v, (_, config) in best.items()}

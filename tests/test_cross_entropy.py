@@ -423,6 +423,23 @@ def test_l2_fetches_only_on_nvidia_hopper_for_long_rows(monkeypatch):
     assert not fetches(32000, 0)  # 3.9 blocks
     assert not fetches(128256, 1) and not fetches(128256, 2)  # Ampere, Blackwell
     assert not ce_module.launch_config(128256, torch.device("cuda", 0), "loss").l2_prefetch
+    # Memory slower than 4 TB/s (an H100's 3.35: 2619 MHz, 5120 bits): no fetch from ten
+    # blocks of 16384, where it measured slower there. An H200's 4.8 TB/s fetches on.
+    memory = {0: (2619000, 5120), 1: (3125000, 6144)}
+    monkeypatch.setattr(ce_module, "_cuda_devices", {})
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda device: type(
+            "Properties",
+            (),
+            {"major": 9, "minor": 0, "multi_processor_count": 132,
+             "memory_clock_rate": memory[device.index][0], "memory_bus_width": memory[device.index][1]},
+        ),
+    )  # fmt: skip
+    assert fetches(151936, 0) and fetches(81920, 0) and fetches(50304, 0)
+    assert not fetches(163840, 0) and not fetches(262144, 0)
+    assert fetches(163840, 1) and fetches(262144, 1)
     monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm reports major 9 for MI300
     monkeypatch.setattr(ce_module, "_cuda_devices", {})  # a process's ROCm is fixed: configs are kept
     assert not fetches(128256, 0)

@@ -504,9 +504,30 @@ def _fetches_into_l2(n_cols: int, block: int, device: torch.device) -> bool:
     32-warp grid). H200, kernel alone: 4-6% faster at V = 36864-57344 in the 8-warp grid
     and 1-9% at V = 81920-262144 in the 32-warp grid; 1-9% slower at four blocks or fewer
     (V = 32000, 65024, 65536), and in the 32-warp grid between four and five blocks up to
-    7% slower in place (V = 66560-79872; 73728 alone gained; NOTES-ce, v24, v26, v29)."""
-    long_enough = n_cols > 4 * block if block < 16384 else n_cols >= 5 * block
-    return long_enough and torch.version.hip is None and _capability(device)[0] == 9
+    7% slower in place (V = 66560-79872; 73728 alone gained; NOTES-ce, v24, v26, v29).
+    On the H100's slower memory the fetch loses from ten blocks of 16384 (V = 163840-
+    262144: 1-4% slower, the op; 151936 ties) and gains below (NOTES-ce, v39), so GPUs
+    whose memory is slower than :data:`_FAST_MEMORY` stop fetching at ten blocks."""
+    if torch.version.hip is not None or _capability(device)[0] != 9:
+        return False
+    if block < 16384:
+        return n_cols > 4 * block
+    slow_memory = 0 < _memory_bytes_per_s(device) < _FAST_MEMORY
+    return n_cols >= 5 * block and not (slow_memory and n_cols >= 10 * block)
+
+
+# Peak DRAM bandwidth (bytes/s) between the H100's 3.35 TB/s, where fetching long rows into
+# L2 loses, and the H200's 4.8 TB/s, where it gains (_fetches_into_l2).
+_FAST_MEMORY = 4e12
+
+
+def _memory_bytes_per_s(device: torch.device) -> float:
+    """Peak DRAM bandwidth from the device's memory clock and bus width (double data
+    rate); 0 where torch does not report them."""
+    properties = _cuda_device(device).properties
+    clock_khz = getattr(properties, "memory_clock_rate", 0)
+    bus_bits = getattr(properties, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8
 
 
 def _one_program_per_sm(n_cols: int) -> bool:
