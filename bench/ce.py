@@ -184,9 +184,9 @@ def sweep_configs(v: int) -> list[ce.LaunchConfig]:
     (bench/NOTES-ce.md), and another may want them the other way."""
     shipped = ce.launch_config(v, torch.device("cuda"), "loss_and_gradient")
     # The L2 fetch is a Hopper instruction: elsewhere it cannot be switched on. The early
-    # loads take the first block of each pass, so they exist only for forward walks.
+    # loads take the first block of each pass, so the kernel refuses them on a backward walk.
     switches = [name for name in SWITCHES if name != "l2_prefetch" or torch.cuda.get_device_capability()[0] == 9]
-    if shipped.reverse and not shipped.prefetch:
+    if shipped.reverse:
         switches.remove("prefetch")
     return [shipped] + [dataclasses.replace(shipped, **{name: not getattr(shipped, name)}) for name in switches]
 

@@ -424,7 +424,8 @@ def test_l2_fetches_only_on_nvidia_hopper_for_long_rows(monkeypatch):
     assert not fetches(128256, 1) and not fetches(128256, 2)  # Ampere, Blackwell
     assert not ce_module.launch_config(128256, torch.device("cuda", 0), "loss").l2_prefetch
     # Memory slower than 4 TB/s (an H100's 3.35: 2619 MHz, 5120 bits): no fetch from ten
-    # blocks of 16384, where it measured slower there. An H200's 4.8 TB/s fetches on.
+    # blocks of 16384, where it measured slower there. 4.8 TB/s (the H200's specification:
+    # 3125 MHz, 6144 bits here) fetches on.
     memory = {0: (2619000, 5120), 1: (3125000, 6144)}
     monkeypatch.setattr(ce_module, "_cuda_devices", {})
     monkeypatch.setattr(

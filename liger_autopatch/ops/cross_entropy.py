@@ -517,7 +517,7 @@ def _fetches_into_l2(n_cols: int, block: int, device: torch.device) -> bool:
 
 
 # Peak DRAM bandwidth (bytes/s) between the H100's 3.35 TB/s, where fetching long rows into
-# L2 loses, and the H200's 4.8 TB/s, where it gains (_fetches_into_l2).
+# L2 loses, and the H200's 4.8 TB/s (its specification), where it gains (_fetches_into_l2).
 _FAST_MEMORY = 4e12
 
 
