@@ -664,11 +664,13 @@ def _first_block(
     placeholder that is never read."""
     if PREFETCH:
         start, lead, read_end, _, _ = _row_span(logits_ptr + row * stride_logits_row, N_COLS, ALIGN_ROWS)
+        # Every column of the block, or none: a comparison of the block, not ``needed``
+        # broadcast to it (Triton 3.9's interpreter gives a broadcast scalar comparison
+        # integer data, which its masked load rejects).
+        mask = cols < tl.where(needed, cols.shape[0], 0)
         if ALIGN_ROWS:
             CHUNK: tl.constexpr = 16 // (logits_ptr.dtype.element_ty.primitive_bitwidth // 8)
-            mask = needed & _readable(cols, lead, read_end, CHUNK)
-        else:
-            mask = needed & (cols >= 0)  # a mask the shape of the block
+            mask = mask & _readable(cols, lead, read_end, CHUNK)
         block = tl.load(start + cols * stride_logits_col, mask=mask, other=0.0, eviction_policy="evict_last")
     else:
         block = tl.zeros([1], dtype=tl.int8)

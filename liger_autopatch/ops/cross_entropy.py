@@ -384,6 +384,9 @@ def _launch(t: Tensor, kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs:
     answer with torch's result. Running out of memory (for a launch argument) says nothing
     about the kernels: it propagates as it is, and the path stays on.
     """
+    # Multiply-adds fused, as every kernel was measured: Triton's default up to 3.9, where
+    # leaving it unsaid warns the user that 3.10 turns it off.
+    kwargs["enable_fp_fusion"] = True
     try:
         if t.is_cuda and t.get_device() != torch.cuda.current_device():
             with torch.cuda.device(t.device):
