@@ -16,7 +16,7 @@ from typing import Any
 from liger_autopatch import _bootstrap, _registry
 
 # Oldest and newest transformers releases that CI runs the parity tests against.
-TESTED_TRANSFORMERS = ("4.45.2", "5.24.0")
+TESTED_TRANSFORMERS = ("4.45.2", "5.25.0")
 # Oldest transformers with transformers.loss.loss_utils; older ones get only the CrossEntropyLoss
 # globals of their model modules replaced.
 LOSS_UTILS_SINCE = "4.46.0"
