@@ -12,7 +12,9 @@ launch instead of running it; this process specializes its arguments as Triton's
 does on a GPU
 (integers equal to 1 become constants, integers and pointers divisible by 16 are marked
 so), compiles it for sm_90 with the launch's options, and reads the registers and the
-stack bytes a thread from ``cuobjdump -res-usage`` (stack above 0: spills). Rows: each V
+stack bytes a thread from ``cuobjdump -res-usage`` (stack above 0: spills), and counts
+the spill loads and stores in the SASS, and how many of them sit in the innermost loops
+(the column loops, run once per block; the rest run once per row). Rows: each V
 with the gradient written (the default), and loss only (under ``no_grad``). Prints a
 table and writes ``<out>/registers-triton-<version>-sm90.json``.
 """
@@ -134,11 +136,37 @@ def compile_for_sm90(kernel: Any, launch: dict[str, Any]) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True, check=True)
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout)
+        usage, sass = (
+            subprocess.run([str(cuobjdump), flag, cubin.name], capture_output=True, text=True, check=True).stdout
+            for flag in ("-res-usage", "-sass")
+        )
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
-        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage.stdout[:300]}")
-    return {"registers": int(found[1]), "stack_bytes": int(found[2])}
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[:300]}")
+    return {"registers": int(found[1]), "stack_bytes": int(found[2]), **local_memory_accesses(sass)}
+
+
+def local_memory_accesses(sass: str) -> dict[str, int]:
+    """Spill loads and stores (LDL, STL) in the SASS: all of them, and those inside an
+    innermost loop (a backward branch's range with no other inside it: the column loops,
+    where an access costs once per block rather than once per row)."""
+    address_of = re.compile(r"/\*([0-9a-f]{4,})\*/")
+    loops, accesses = [], []
+    for line in sass.splitlines():
+        address = address_of.search(line)
+        if address is None:
+            continue
+        at = int(address[1], 16)
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", line)
+        if branch and int(branch[1], 16) < at:
+            loops.append((int(branch[1], 16), at))
+        if re.search(r"\b(LDL|STL)(\.\w+)*\s", line):
+            accesses.append(at)
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return {
+        "local_accesses": len(accesses),
+        "in_innermost_loops": sum(any(a <= at <= b for a, b in innermost) for at in accesses),
+    }
 
 
 def main() -> None:
@@ -159,8 +187,9 @@ def main() -> None:
     kernel = _cross_entropy_kernels.cross_entropy_forward_kernel
     rows = []
     print(f"triton {triton.__version__}, torch {torch.__version__}, sm_90, the H100's launch configurations\n")
-    print("| V | pass | block | warps | register cap | read ahead | L2 fetch | registers | stack bytes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| V | pass | block | warps | register cap | read ahead | L2 fetch | registers | stack bytes "
+          "| spill loads + stores | of them in column loops |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n_cols in (int(v) for v in args.vocab.split(",")):
         for with_grad in (True, False):
             launch = captured_in_child(n_cols, with_grad)
