@@ -665,8 +665,8 @@ def _first_block(
     if PREFETCH:
         start, lead, read_end, _, _ = _row_span(logits_ptr + row * stride_logits_row, N_COLS, ALIGN_ROWS)
         # Every column of the block, or none: a comparison of the block, not ``needed``
-        # broadcast to it (Triton 3.9's interpreter gives a broadcast scalar comparison
-        # integer data, which its masked load rejects).
+        # broadcast to it (Triton 3.9's interpreter broadcasts a scalar comparison to int64
+        # data, which its masked load rejects as a mask).
         mask = cols < tl.where(needed, cols.shape[0], 0)
         if ALIGN_ROWS:
             CHUNK: tl.constexpr = 16 // (logits_ptr.dtype.element_ty.primitive_bitwidth // 8)

@@ -373,6 +373,12 @@ def torch_cross_entropy(
 # Kernel launches
 
 
+# Multiply-adds fused, as every kernel was measured: Triton's default up to 3.9, where
+# leaving it unsaid warns the user that 3.10 turns it off. A TRITON_DEFAULT_FP_FUSION the
+# user set still decides.
+_FP_FUSION = {} if "TRITON_DEFAULT_FP_FUSION" in os.environ else {"enable_fp_fusion": True}
+
+
 def _launch(t: Tensor, kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)`` for ``t``'s device.
 
@@ -384,15 +390,12 @@ def _launch(t: Tensor, kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs:
     answer with torch's result. Running out of memory (for a launch argument) says nothing
     about the kernels: it propagates as it is, and the path stays on.
     """
-    # Multiply-adds fused, as every kernel was measured: Triton's default up to 3.9, where
-    # leaving it unsaid warns the user that 3.10 turns it off.
-    kwargs["enable_fp_fusion"] = True
     try:
         if t.is_cuda and t.get_device() != torch.cuda.current_device():
             with torch.cuda.device(t.device):
-                kernel[grid](*args, **kwargs)
+                kernel[grid](*args, **_FP_FUSION, **kwargs)
         else:
-            kernel[grid](*args, **kwargs)
+            kernel[grid](*args, **_FP_FUSION, **kwargs)
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:
